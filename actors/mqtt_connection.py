@@ -1,0 +1,240 @@
+"""MqttConnection: owns the paho client to the boards' broker, its session and its acks."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pykka
+
+from actors.base import EstateActor, handles, tell_if_alive
+from estate.device_wire import (
+    BadInput,
+    Topics,
+    TopicKind,
+    parse_reading,
+    parse_status,
+    payload_digest,
+)
+from estate.logs import RateLimitedLog
+from estate.messages import (
+    AckMessages,
+    AckToken,
+    BoardSaidHello,
+    BoardSentReading,
+    BoardStatusChanged,
+    GetStats,
+    MqttConnected,
+    MqttDisconnected,
+    MqttMessageReceived,
+    PublishMessage,
+    Reconnect,
+    RoutesChanged,
+)
+from estate.mqtt_client import BrokerEndpoint, connect_async, make_client
+from estate.types import DeviceId
+
+__all__ = ["MqttConnection"]
+
+MAX_UNROUTED = 10_000
+"""Readings held for a board whose actor is restarting, at most."""
+
+
+class _PahoBridge:
+    """Paho's callbacks: convert to our messages and tell the actor, nothing else.
+
+    Runs on paho's network thread. `generation` changes on every (re)connection, so
+    acknowledgements meant for an earlier connection are never sent on a later one.
+    """
+
+    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
+        self.ref = ref
+        self.generation = 0
+
+    def on_connect(self, _client: Any, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            tell_if_alive(self.ref, MqttDisconnected(self.generation, f"refused: {reason}"))
+            return
+        self.generation = time.monotonic_ns()
+        tell_if_alive(self.ref, MqttConnected(self.generation, bool(flags.session_present)))
+
+    def on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        tell_if_alive(self.ref, MqttDisconnected(self.generation, str(reason)))
+
+    def on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        tell_if_alive(
+            self.ref,
+            MqttMessageReceived(
+                topic=message.topic,
+                payload=bytes(message.payload),
+                qos=message.qos,
+                dup=bool(message.dup),
+                received_at=datetime.now(UTC),
+                ack=AckToken(self.generation, message.mid) if message.qos > 0 else None,
+            )
+        )
+
+
+class MqttConnection(EstateActor):
+    """The boards' broker: subscribes to every board's topics, validates and routes them.
+
+    Telemetry is acknowledged only when the DbWriter says its transaction committed;
+    everything else (hello, status, bad input) is acknowledged once handled.
+    """
+
+    kind = "mqtt"
+
+    def __init__(
+        self,
+        endpoint: BrokerEndpoint,
+        topics: Topics,
+        supervisor: pykka.ActorRef[Any] | None = None,
+        name: str = "mqtt",
+    ) -> None:
+        super().__init__(name, supervisor)
+        self.endpoint, self.topics = endpoint, topics
+        self.routes: dict[DeviceId, pykka.ActorRef[Any]] | None = None  # None: not yet known
+        self.unrouted: deque[tuple[DeviceId, Any]] = deque(maxlen=MAX_UNROUTED)
+        self.connected = False
+        self.generation = -1
+        self.counts: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.bad_log = RateLimitedLog(self.log)
+        self.client: mqtt.Client | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        bridge = _PahoBridge(self.actor_ref)
+        client = make_client(self.endpoint, manual_ack=True)
+        client.on_connect = bridge.on_connect
+        client.on_disconnect = bridge.on_disconnect
+        client.on_message = bridge.on_message
+        connect_async(client, self.endpoint)
+        client.loop_start()
+        self.client = client
+        self.log.info("connecting to %s as %s", self.endpoint.url, self.endpoint.client_id)
+
+    def teardown(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.client = None
+
+    # -- connection state ------------------------------------------------------------------
+
+    @handles(MqttConnected)
+    def _connected(self, event: MqttConnected) -> None:
+        self.connected, self.generation = True, event.generation
+        self._subscribe()
+        self.counts["connects"] += 1
+        self.log.info(
+            "connected to %s (session %s)",
+            self.endpoint.url,
+            "resumed" if event.session_present else "new",
+        )
+
+    def _subscribe(self) -> None:
+        """Subscribe once connected and the known devices are loaded, so none is rejected."""
+        if self.client is not None and self.connected and self.routes is not None:
+            self.client.subscribe([(topic, 1) for topic in self.topics.inbound_filters])
+
+    @handles(MqttDisconnected)
+    def _disconnected(self, event: MqttDisconnected) -> None:
+        if self.connected:
+            self.log.warning("disconnected from %s: %s; reconnecting", self.endpoint.url, event.reason)
+        self.connected = False
+
+    @handles(Reconnect)
+    def _reconnect(self, _message: Reconnect) -> None:
+        """Drop and re-open the connection, so the broker redelivers what is unacknowledged."""
+        if self.client is not None and self.connected:
+            self.log.warning("reconnecting to have unacknowledged messages redelivered")
+            self.client.reconnect()
+
+    # -- inbound ---------------------------------------------------------------------------
+
+    @handles(MqttMessageReceived)
+    def _received(self, message: MqttMessageReceived) -> None:
+        self.counts["received"] += 1
+        try:
+            device_id, kind = self.topics.parse(message.topic)
+            if self.routes is None or device_id not in self.routes:
+                raise BadInput("unknown_device", f"{device_id!r} is not a known device")
+            event = self._event(device_id, kind, message)
+        except BadInput as bad:
+            self.rejected[bad.kind] += 1
+            self.bad_log.warning(bad.kind, "rejected %s: %s", message.topic, bad.detail)
+            self._ack(message.ack)
+            return
+        self._route(device_id, event)
+        if not isinstance(event, BoardSentReading):
+            self._ack(message.ack)
+
+    def _event(self, device_id: DeviceId, kind: TopicKind, message: MqttMessageReceived) -> Any:
+        if kind is TopicKind.HELLO:
+            return BoardSaidHello(device_id, message.received_at)
+        if kind is TopicKind.STATUS:
+            return BoardStatusChanged(device_id, parse_status(message.payload), message.received_at)
+        return BoardSentReading(
+            device_id=device_id,
+            reading=parse_reading(message.payload),
+            digest=payload_digest(message.payload),
+            dup=message.dup,
+            received_at=message.received_at,
+            ack=message.ack,
+        )
+
+    def _route(self, device_id: DeviceId, event: Any) -> None:
+        assert self.routes is not None
+        if not tell_if_alive(self.routes[device_id], event):
+            self.counts["held_for_restart"] += 1
+            self.unrouted.append((device_id, event))
+
+    @handles(RoutesChanged)
+    def _routes_changed(self, message: RoutesChanged) -> None:
+        first = self.routes is None
+        self.routes = dict(message.routes)
+        if first:
+            self._subscribe()
+        held, self.unrouted = list(self.unrouted), deque(maxlen=MAX_UNROUTED)
+        for device_id, event in held:
+            if device_id in self.routes:
+                self._route(device_id, event)
+            elif isinstance(event, BoardSentReading) and event.ack is not None:
+                self._ack(event.ack)  # the device was removed: nothing will store it
+
+    # -- outbound --------------------------------------------------------------------------
+
+    @handles(PublishMessage)
+    def _publish(self, message: PublishMessage) -> None:
+        assert self.client is not None
+        self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+        self.counts["published"] += 1
+
+    @handles(AckMessages)
+    def _ack_committed(self, message: AckMessages) -> None:
+        for token in message.tokens:
+            self._ack(token)
+
+    def _ack(self, token: AckToken | None) -> None:
+        if token is None or self.client is None:
+            return
+        if token.generation != self.generation or not self.connected:
+            self.counts["acks_dropped"] += 1  # that connection is gone: the broker redelivers
+            return
+        self.client.ack(token.mid, 1)
+        self.counts["acked"] += 1
+
+    @handles(GetStats)
+    def _stats(self, _message: GetStats) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "broker": self.endpoint.url,
+            **self.counts,
+            "rejected": dict(self.rejected),
+            "unrouted": len(self.unrouted),
+        }

@@ -1,0 +1,223 @@
+"""Supervisor: starts every actor, owns the device registry, restarts what crashes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+
+from actors.base import EstateActor, Ticker, handles, tell_if_alive
+from actors.db_writer import DbWriter
+from actors.device import DeviceActor
+from actors.mqtt_connection import MqttConnection
+from estate.board import BoardTiming
+from estate.config import Settings
+from estate.device_wire import Topics
+from estate.messages import (
+    ActorFailed,
+    DeviceRecord,
+    DevicesLoaded,
+    GetStats,
+    LoadDevices,
+    PeersChanged,
+    Reconnect,
+    ReloadDevices,
+    RestartActor,
+    RoutesChanged,
+    Tick,
+)
+from estate.mqtt_client import BrokerEndpoint
+from estate.types import DeviceId
+
+__all__ = ["RestartPolicy", "Supervisor"]
+
+RELOAD_PERIOD = 30.0
+"""Seconds between two reloads of the known devices from the database."""
+
+
+class RestartPolicy:
+    """One-for-one restarts with exponential backoff; a quiet minute forgives the past."""
+
+    def __init__(self, base: float = 0.5, ceiling: float = 30.0, forgive_after: float = 60.0):
+        self.base, self.ceiling, self.forgive_after = base, ceiling, forgive_after
+        self.failures: dict[str, tuple[int, float]] = {}
+        self.restarts: dict[str, int] = {}
+
+    def delay(self, name: str, now: float) -> float:
+        count, last = self.failures.get(name, (0, now))
+        count = 1 if now - last > self.forgive_after else count + 1
+        self.failures[name] = (count, now)
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        return min(self.ceiling, self.base * 2 ** (count - 1))
+
+
+class Supervisor(EstateActor):
+    """The root: DbWriter, MqttConnection and one DeviceActor per known board."""
+
+    kind = "supervisor"
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoint: BrokerEndpoint,
+        timing: BoardTiming | None = None,
+        policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__("supervisor")
+        self.settings, self.endpoint = settings, endpoint
+        self.topics = Topics(settings.hub_name)
+        self.timing = timing or BoardTiming(
+            keepalive_interval=settings.keepalive_interval,
+            offline_after=settings.offline_after,
+            integration_max_gap=settings.integration_max_gap,
+        )
+        self.policy = policy or RestartPolicy()
+        self.clock = clock
+        self.core: dict[str, pykka.ActorRef[Any]] = {}
+        self.devices: dict[DeviceId, pykka.ActorRef[Any]] = {}
+        self.records: dict[DeviceId, DeviceRecord] = {}
+        self.tickers: list[Ticker] = []
+        self.timers: list[threading.Timer] = []
+        self.stopping = False
+        self.routes_sent = False
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.core["db"] = self._start_core("db")
+        self.core["mqtt"] = self._start_core("mqtt")
+        self._announce_peers()
+        self.tickers = [
+            Ticker(self.actor_ref, Tick(), self.timing.tick).start(),
+            Ticker(self.actor_ref, ReloadDevices(), RELOAD_PERIOD).start(),
+        ]
+        self.core["db"].tell(LoadDevices(self.actor_ref))
+
+    def teardown(self) -> None:
+        """Stop in reverse order: boards first, then the writer (final flush), then MQTT."""
+        self.stopping = True
+        for ticker in self.tickers:
+            ticker.stop()
+        for timer in self.timers:
+            timer.cancel()
+        for ref in self.devices.values():
+            ref.stop(block=False)
+        for ref in self.devices.values():
+            _join(ref)
+        for role in ("db", "mqtt"):
+            if role in self.core:
+                _join(self.core[role], stop=True)
+
+    def _start_core(self, role: str) -> pykka.ActorRef[Any]:
+        if role == "db":
+            return DbWriter.start(
+                self.settings.database_url,
+                self.settings.db_batch_max,
+                self.settings.db_flush_interval,
+                supervisor=self.actor_ref,
+            )
+        return MqttConnection.start(self.endpoint, self.topics, supervisor=self.actor_ref)
+
+    def _peers(self) -> PeersChanged:
+        return PeersChanged(self.core)
+
+    def _announce_peers(self) -> None:
+        peers = self._peers()
+        for ref in [*self.core.values(), *self.devices.values()]:
+            tell_if_alive(ref, peers)
+
+    # -- devices ---------------------------------------------------------------------------
+
+    @handles(ReloadDevices)
+    def _reload(self, _message: ReloadDevices) -> None:
+        tell_if_alive(self.core["db"], LoadDevices(self.actor_ref))
+
+    @handles(DevicesLoaded)
+    def _loaded(self, message: DevicesLoaded) -> None:
+        """Start an actor for each new device and stop those of devices now gone."""
+        if self.stopping:
+            return
+        wanted = {record.device_id: record for record in message.devices}
+        changed = not self.routes_sent
+        for device_id in [d for d in self.devices if d not in wanted]:
+            self.log.info("device %s is gone; stopping its actor", device_id)
+            self.devices.pop(device_id).stop(block=False)
+            self.records.pop(device_id, None)
+            changed = True
+        for device_id, record in wanted.items():
+            if device_id not in self.devices:
+                self.devices[device_id] = DeviceActor.start(
+                    record, self.topics, self._peers(), self.timing, supervisor=self.actor_ref
+                )
+                self.records[device_id] = record
+                changed = True
+        if changed:
+            self.log.info("%d devices known", len(self.devices))
+            self.routes_sent = tell_if_alive(self.core["mqtt"], RoutesChanged(self.devices))
+
+    @handles(Tick)
+    def _tick(self, tick: Tick) -> None:
+        for ref in self.devices.values():
+            tell_if_alive(ref, tick)
+
+    # -- supervision -----------------------------------------------------------------------
+
+    @handles(ActorFailed)
+    def _failed(self, failure: ActorFailed) -> None:
+        if self.stopping:
+            return
+        delay = self.policy.delay(failure.name, self.clock())
+        self.log.error(
+            "%s crashed (%s); restarting in %.1fs", failure.name, failure.reason, delay
+        )
+        if failure.name.startswith("device:"):
+            device_id = DeviceId(failure.name.removeprefix("device:"))
+            self.devices.pop(device_id, None)
+            self.records.pop(device_id, None)
+        timer = threading.Timer(delay, tell_if_alive, (self.actor_ref, RestartActor(failure.name)))
+        timer.daemon = True
+        timer.start()
+        self.timers = [t for t in self.timers if t.is_alive()] + [timer]
+
+    @handles(RestartActor)
+    def _restart(self, message: RestartActor) -> None:
+        if self.stopping:
+            return
+        if message.name.startswith("device:"):
+            tell_if_alive(self.core["db"], LoadDevices(self.actor_ref))  # resumes from the database
+            return
+        self.core[message.name] = self._start_core(message.name)
+        self._announce_peers()
+        if message.name == "mqtt":
+            tell_if_alive(self.core["mqtt"], RoutesChanged(self.devices))
+        else:
+            # readings the dead writer held are unacknowledged: have the broker send them again
+            tell_if_alive(self.core["mqtt"], Reconnect())
+        self.log.info("%s restarted", message.name)
+
+    @handles(GetStats)
+    def _stats(self, _message: GetStats) -> dict[str, Any]:
+        return {
+            "devices": len(self.devices),
+            "restarts": dict(self.policy.restarts),
+            "actors": {
+                **{role: ref.is_alive() for role, ref in self.core.items()},
+                **{f"device:{d}": ref.is_alive() for d, ref in self.devices.items()},
+            },
+        }
+
+    def device_refs(self) -> dict[DeviceId, pykka.ActorRef[Any]]:
+        """The registry (for callers that ask through a proxy)."""
+        return dict(self.devices)
+
+
+def _join(ref: pykka.ActorRef[Any], stop: bool = True, timeout: float = 10.0) -> None:
+    try:
+        if stop:
+            ref.stop(block=True, timeout=timeout)
+    except (pykka.ActorDeadError, pykka.Timeout):
+        pass

@@ -1,0 +1,122 @@
+"""SQLAlchemy models of the gateway's local cache."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["Base", "CommandRow", "DeviceRow", "ReadingRow", "UtcDateTime"]
+
+# An integer primary key that is BIGINT on PostgreSQL and the rowid alias on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class DeviceRow(Base):
+    """A known board: from the central's sync or registered locally."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), unique=True)
+    central_id: Mapped[int | None] = mapped_column(Integer, unique=True)
+    connection_type: Mapped[str] = mapped_column(String(16))
+    account_address: Mapped[str | None] = mapped_column(String(66))
+    status: Mapped[str] = mapped_column(String(16), default="offline")
+    load_on: Mapped[bool | None] = mapped_column(Boolean)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    energy_total_wh: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ReadingRow(Base):
+    """One stored reading. `(device, boot, seq, digest)` identifies a board's message.
+
+    `boot` counts the board's restarts as the gateway saw them (its `seq` going back
+    without the broker's redelivery flag); `digest` fingerprints the payload bytes, so
+    a redelivered message hits the same key and a new one with a reused `seq` does not.
+    Readings without `seq` have a NULL key part and are never de-duplicated.
+    """
+
+    __tablename__ = "readings"
+    __table_args__ = (
+        UniqueConstraint("device_pk", "boot", "seq", "digest", name="uq_readings_message"),
+        Index("ix_readings_device_ts", "device_pk", "ts"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_pk: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    boot: Mapped[int] = mapped_column(Integer, default=0)
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(16))
+    ts: Mapped[datetime] = mapped_column(UtcDateTime)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    voltage: Mapped[float] = mapped_column(Float)
+    current: Mapped[float] = mapped_column(Float)
+    power: Mapped[float] = mapped_column(Float)
+    energy_wh: Mapped[float] = mapped_column(Float)
+    load_on: Mapped[bool | None] = mapped_column(Boolean)
+    current_1: Mapped[float | None] = mapped_column(Float)
+    voltage_1: Mapped[float | None] = mapped_column(Float)
+
+
+class CommandRow(Base):
+    """A command the gateway sent to a board (keep-alives are counted, not stored)."""
+
+    __tablename__ = "commands"
+    __table_args__ = (Index("ix_commands_device_at", "device_pk", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_pk: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UtcDateTime)
+    balance: Mapped[int] = mapped_column(BigInteger)
+    instruction: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(32))

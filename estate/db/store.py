@@ -1,0 +1,198 @@
+"""Queries and writes of the local cache, as plain functions on a connection."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from estate.db.models import CommandRow, DeviceRow, ReadingRow
+from estate.messages import DeviceRecord, RecordCommand, RecordDeviceState, StoreReading
+from estate.types import CentralId, DeviceId, DevicePk
+
+__all__ = [
+    "CONNECTION_TYPES",
+    "DeviceExists",
+    "load_devices",
+    "register_device",
+    "write_batch",
+]
+
+CONNECTION_TYPES = ("Consumer", "Producer")
+
+
+class DeviceExists(ValueError):
+    """A device with this device_id is already registered."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def load_devices(conn: Connection) -> tuple[DeviceRecord, ...]:
+    """Every device not removed, with the boot, seq and last reading its actor resumes from."""
+    latest_boot = (
+        select(ReadingRow.device_pk, func.max(ReadingRow.boot).label("boot"))
+        .group_by(ReadingRow.device_pk)
+        .subquery()
+    )
+    last_seq = dict(
+        conn.execute(
+            select(ReadingRow.device_pk, func.max(ReadingRow.seq))
+            .join(
+                latest_boot,
+                and_(
+                    latest_boot.c.device_pk == ReadingRow.device_pk,
+                    latest_boot.c.boot == ReadingRow.boot,
+                ),
+            )
+            .group_by(ReadingRow.device_pk)
+        ).all()
+    )
+    boots = dict(conn.execute(select(latest_boot.c.device_pk, latest_boot.c.boot)).all())
+    latest_ts = (
+        select(ReadingRow.device_pk, func.max(ReadingRow.ts).label("ts"))
+        .group_by(ReadingRow.device_pk)
+        .subquery()
+    )
+    last_reading = {
+        pk: (ts, power)
+        for pk, ts, power in conn.execute(
+            select(ReadingRow.device_pk, ReadingRow.ts, ReadingRow.power).join(
+                latest_ts,
+                and_(
+                    latest_ts.c.device_pk == ReadingRow.device_pk,
+                    latest_ts.c.ts == ReadingRow.ts,
+                ),
+            )
+        )
+    }
+    devices = DeviceRow.__table__
+    rows = conn.execute(
+        select(devices).where(devices.c.status != "removed").order_by(devices.c.device_id)
+    )
+    return tuple(
+        DeviceRecord(
+            pk=DevicePk(row.id),
+            device_id=DeviceId(row.device_id),
+            connection_type=row.connection_type,
+            central_id=CentralId(row.central_id) if row.central_id is not None else None,
+            account_address=row.account_address,
+            status=row.status,
+            load_on=row.load_on,
+            balance=row.balance,
+            energy_total_wh=row.energy_total_wh,
+            boot=boots.get(row.id, 0),
+            last_seq=last_seq.get(row.id),
+            last_reading_at=last_reading.get(row.id, (None, 0.0))[0],
+            last_power=last_reading.get(row.id, (None, 0.0))[1],
+        )
+        for row in rows
+    )
+
+
+def register_device(
+    conn: Connection,
+    device_id: str,
+    connection_type: str,
+    account_address: str | None = None,
+    central_id: int | None = None,
+) -> DevicePk:
+    """Add a board; raise DeviceExists if its device_id is taken."""
+    if connection_type not in CONNECTION_TYPES:
+        raise ValueError(
+            f"connection type {connection_type!r}: expected {' or '.join(CONNECTION_TYPES)}"
+        )
+    if conn.execute(select(DeviceRow.id).where(DeviceRow.device_id == device_id)).first():
+        raise DeviceExists(f"device {device_id!r} is already registered")
+    now = _now()
+    return DevicePk(
+        conn.execute(
+            insert(DeviceRow)
+            .values(
+                device_id=device_id,
+                connection_type=connection_type,
+                account_address=account_address,
+                central_id=central_id,
+                status="offline",
+                balance=0,
+                energy_total_wh=0.0,
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(DeviceRow.id)
+        ).scalar_one()
+    )
+
+
+def _insert_ignoring_duplicates(conn: Connection):  # noqa: ANN202
+    dialect = {"postgresql": postgresql, "sqlite": sqlite}[conn.dialect.name]
+    return dialect.insert(ReadingRow).on_conflict_do_nothing(
+        index_elements=["device_pk", "boot", "seq", "digest"]
+    )
+
+
+def write_batch(
+    conn: Connection,
+    readings: Sequence[StoreReading],
+    states: Sequence[RecordDeviceState] = (),
+    commands: Sequence[RecordCommand] = (),
+) -> int:
+    """Write one flush in the caller's transaction; return how many readings were new.
+
+    A reading whose message is already stored (a redelivery) is skipped, and only new
+    readings add to their device's energy total and last-seen time.
+    """
+    inserted = 0
+    if readings:
+        statement = _insert_ignoring_duplicates(conn).returning(
+            ReadingRow.device_pk, ReadingRow.received_at, ReadingRow.energy_wh, ReadingRow.load_on
+        )
+        energy: dict[int, float] = defaultdict(float)
+        seen: dict[int, tuple[datetime, bool | None]] = {}
+        for pk, received_at, energy_wh, load_on in conn.execute(
+            statement, [reading.row() for reading in readings]
+        ):
+            inserted += 1
+            energy[pk] += energy_wh
+            if pk not in seen or received_at >= seen[pk][0]:
+                seen[pk] = (received_at, load_on)
+        if energy:
+            newer = or_(DeviceRow.last_seen.is_(None), DeviceRow.last_seen < bindparam("seen"))
+            conn.execute(
+                update(DeviceRow)
+                .where(DeviceRow.id == bindparam("pk"))
+                .values(
+                    energy_total_wh=DeviceRow.energy_total_wh + bindparam("energy"),
+                    last_seen=case((newer, bindparam("seen")), else_=DeviceRow.last_seen),
+                    load_on=case((newer, bindparam("load")), else_=DeviceRow.load_on),
+                ),
+                [
+                    {"pk": pk, "energy": energy[pk], "seen": at, "load": load}
+                    for pk, (at, load) in seen.items()
+                ],
+            )
+    for state in states:
+        conn.execute(
+            update(DeviceRow)
+            .where(DeviceRow.id == state.device_pk)
+            .values(status=state.status, load_on=state.load_on, updated_at=state.at)
+        )
+    if commands:
+        conn.execute(
+            insert(CommandRow),
+            [
+                {
+                    "device_pk": c.device_pk,
+                    "at": c.at,
+                    "balance": c.balance,
+                    "instruction": c.instruction,
+                    "reason": c.reason,
+                }
+                for c in commands
+            ],
+        )
+    return inserted

@@ -1,0 +1,289 @@
+"""Every message the actors exchange: frozen attrs classes, nothing mutable.
+
+Commands are in the imperative (`StoreReading`), events in the past tense
+(`BoardSaidHello`). pykka does not copy messages, so none holds a mutable value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from estate.device_wire import BoardReading, Instruction
+from estate.types import CentralId, DeviceId, DevicePk
+
+# -- values -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class AckToken:
+    """Names one inbound MQTT message to acknowledge, on one connection of the client."""
+
+    generation: int
+    mid: int
+
+
+@attrs.frozen
+class DeviceRecord:
+    """A known board as the database has it, with what its actor resumes from."""
+
+    pk: DevicePk
+    device_id: DeviceId
+    connection_type: str
+    central_id: CentralId | None = None
+    account_address: str | None = None
+    status: str = "offline"
+    load_on: bool | None = None
+    balance: int = 0
+    energy_total_wh: float = 0.0
+    boot: int = 0
+    last_seq: int | None = None
+    last_reading_at: datetime | None = None
+    last_power: float = 0.0
+
+
+def frozen_mapping(items: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    """A read-only copy of `items`, safe to put in a message."""
+    return MappingProxyType(dict(items))
+
+
+# -- MQTT connection ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class MqttMessageReceived:
+    """Paho's message as the MqttConnection's own value (made on paho's thread)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    dup: bool
+    received_at: datetime
+    ack: AckToken | None
+
+
+@attrs.frozen
+class MqttConnected:
+    generation: int
+    session_present: bool
+
+
+@attrs.frozen
+class MqttDisconnected:
+    generation: int
+    reason: str
+
+
+@attrs.frozen
+class PublishMessage:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@attrs.frozen
+class AckMessages:
+    """Acknowledge these inbound messages to the broker (their data is committed)."""
+
+    tokens: tuple[AckToken, ...]
+
+
+@attrs.frozen
+class Reconnect:
+    """Re-open the broker connection, so that unacknowledged messages come again."""
+
+
+@attrs.frozen
+class PeersChanged:
+    """The current refs of the actors this one talks to, by role (`mqtt`, `db`, ...)."""
+
+    peers: Mapping[str, Any] = attrs.field(converter=frozen_mapping)
+
+
+@attrs.frozen
+class RoutesChanged:
+    """The boards the MqttConnection routes to, by device id (a read-only mapping)."""
+
+    routes: Mapping[DeviceId, Any] = attrs.field(converter=frozen_mapping)
+
+
+# -- boards -> device actors --------------------------------------------------------------
+
+
+@attrs.frozen
+class BoardSaidHello:
+    device_id: DeviceId
+    at: datetime
+
+
+@attrs.frozen
+class BoardSentReading:
+    device_id: DeviceId
+    reading: BoardReading
+    digest: str
+    dup: bool
+    received_at: datetime
+    ack: AckToken | None
+
+
+@attrs.frozen
+class BoardStatusChanged:
+    device_id: DeviceId
+    online: bool
+    at: datetime
+
+
+@attrs.frozen
+class SendInstruction:
+    """Send `instruction` to the board now (from the central, the REPL, a test)."""
+
+    instruction: Instruction
+    reason: str
+
+
+@attrs.frozen
+class Tick:
+    """Time passes: check keep-alives and silence."""
+
+
+@attrs.frozen
+class GetDeviceState:
+    """Ask a DeviceActor for a snapshot of its state (a dict of plain values)."""
+
+
+# -- device actors -> database ------------------------------------------------------------
+
+
+@attrs.frozen
+class StoreReading:
+    device_pk: DevicePk
+    boot: int
+    seq: int | None
+    digest: str
+    ts: datetime
+    received_at: datetime
+    voltage: float
+    current: float
+    power: float
+    energy_wh: float
+    load_on: bool | None
+    current_1: float | None
+    voltage_1: float | None
+    ack: AckToken | None = attrs.field(default=None, eq=False)
+
+    def row(self) -> dict[str, Any]:
+        """The column values of this reading."""
+        values = attrs.asdict(self, recurse=False)
+        del values["ack"]
+        return values
+
+
+@attrs.frozen
+class RecordCommand:
+    device_pk: DevicePk
+    at: datetime
+    balance: int
+    instruction: int
+    reason: str
+
+
+@attrs.frozen
+class RecordDeviceState:
+    device_pk: DevicePk
+    status: str
+    load_on: bool | None
+    at: datetime
+
+
+@attrs.frozen
+class FlushDue:
+    """The DbWriter's timer: write what waits if it has waited long enough."""
+
+
+@attrs.frozen
+class LoadDevices:
+    """Ask the DbWriter to tell `reply_to` the known devices as DevicesLoaded."""
+
+    reply_to: Any
+
+
+@attrs.frozen
+class DevicesLoaded:
+    devices: tuple[DeviceRecord, ...]
+
+
+# -- supervision --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ActorFailed:
+    name: str
+    reason: str
+
+
+@attrs.frozen
+class RestartActor:
+    name: str
+
+
+@attrs.frozen
+class ReloadDevices:
+    """Reload the known devices from the database and start/stop actors to match."""
+
+
+@attrs.frozen
+class GetStats:
+    """Ask an actor for its counters (a dict of plain values)."""
+
+
+# -- simulated boards ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class SimTick:
+    """A simulated board's clock: send hello or a reading, check the command timeout."""
+
+
+@attrs.frozen
+class SimCommandArrived:
+    payload: bytes
+    at: float
+
+
+@attrs.frozen
+class SimConnected:
+    """The simulated board's MQTT connection is up."""
+
+
+@attrs.frozen
+class SimPublishAcked:
+    mid: int
+
+
+@attrs.frozen
+class PressBalanceKey:
+    """The owner presses the balance key: set the board's `update` flag."""
+
+
+@attrs.frozen
+class SetLoad:
+    """Switch the load relay by hand."""
+
+    on: bool
+
+
+@attrs.frozen
+class PauseReadings:
+    """Stop (or resume) sending readings, as if the board were unplugged."""
+
+    paused: bool
+
+
+@attrs.frozen
+class GetBoardState:
+    """Ask a simulated board for its state (a dict of plain values)."""
