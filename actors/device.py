@@ -11,8 +11,16 @@ import attrs
 import pykka
 
 from actors.base import EstateActor, handles
-from estate.board import Board, BoardTiming, Effect, SendCommand, StateChanged, Store
-from estate.device_wire import Topics, TopicKind, format_command
+from estate.board import (
+    DEFAULT_TIMING,
+    Board,
+    BoardTiming,
+    Effect,
+    SendCommand,
+    StateChanged,
+    Store,
+)
+from estate.device_wire import TopicKind, Topics, format_command
 from estate.messages import (
     AckToken,
     BoardSaidHello,
@@ -41,7 +49,7 @@ class DeviceActor(EstateActor):
         record: DeviceRecord,
         topics: Topics,
         peers: PeersChanged,
-        timing: BoardTiming = BoardTiming(),
+        timing: BoardTiming = DEFAULT_TIMING,
         supervisor: pykka.ActorRef[Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -103,4 +111,6 @@ class DeviceActor(EstateActor):
         try:
             ref.tell(message)
         except pykka.ActorDeadError:
-            self.log.warning("%s: %s is restarting; %s lost", self.name, role, type(message).__name__)
+            self.log.warning(
+                "%s: %s is restarting; %s lost", self.name, role, type(message).__name__
+            )

@@ -13,8 +13,8 @@ import pykka
 from actors.base import EstateActor, handles, tell_if_alive
 from estate.device_wire import (
     BadInput,
-    Topics,
     TopicKind,
+    Topics,
     parse_reading,
     parse_status,
     payload_digest,
@@ -54,14 +54,14 @@ class _PahoBridge:
         self.ref = ref
         self.generation = 0
 
-    def on_connect(self, _client: Any, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
+    def on_connect(self, _client: Any, _data: Any, flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
             tell_if_alive(self.ref, MqttDisconnected(self.generation, f"refused: {reason}"))
             return
         self.generation = time.monotonic_ns()
         tell_if_alive(self.ref, MqttConnected(self.generation, bool(flags.session_present)))
 
-    def on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _p: Any) -> None:
+    def on_disconnect(self, _client: Any, _data: Any, _flags: Any, reason: Any, _p: Any) -> None:
         tell_if_alive(self.ref, MqttDisconnected(self.generation, str(reason)))
 
     def on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -145,7 +145,9 @@ class MqttConnection(EstateActor):
     @handles(MqttDisconnected)
     def _disconnected(self, event: MqttDisconnected) -> None:
         if self.connected:
-            self.log.warning("disconnected from %s: %s; reconnecting", self.endpoint.url, event.reason)
+            self.log.warning(
+                "disconnected from %s: %s; reconnecting", self.endpoint.url, event.reason
+            )
         self.connected = False
 
     @handles(Reconnect)
@@ -162,8 +164,6 @@ class MqttConnection(EstateActor):
         self.counts["received"] += 1
         try:
             device_id, kind = self.topics.parse(message.topic)
-            if self.routes is None or device_id not in self.routes:
-                raise BadInput("unknown_device", f"{device_id!r} is not a known device")
             event = self._event(device_id, kind, message)
         except BadInput as bad:
             self.rejected[bad.kind] += 1
@@ -175,6 +175,9 @@ class MqttConnection(EstateActor):
             self._ack(message.ack)
 
     def _event(self, device_id: DeviceId, kind: TopicKind, message: MqttMessageReceived) -> Any:
+        """The message for the device's actor; BadInput if the device or payload is wrong."""
+        if self.routes is None or device_id not in self.routes:
+            raise BadInput("unknown_device", f"{device_id!r} is not a known device")
         if kind is TopicKind.HELLO:
             return BoardSaidHello(device_id, message.received_at)
         if kind is TopicKind.STATUS:

@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from actors.base import EstateActor, Ticker, handles, tell_if_alive
-from estate.device_wire import Instruction, Topics, TopicKind
+from estate.device_wire import Instruction, TopicKind, Topics
 from estate.messages import (
     GetBoardState,
     PauseReadings,

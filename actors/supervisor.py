@@ -189,6 +189,8 @@ class Supervisor(EstateActor):
             return
         if message.name.startswith("device:"):
             tell_if_alive(self.core["db"], LoadDevices(self.actor_ref))  # resumes from the database
+            # readings that died in its mailbox are unacknowledged: have the broker send them again
+            tell_if_alive(self.core["mqtt"], Reconnect())
             return
         self.core[message.name] = self._start_core(message.name)
         self._announce_peers()

@@ -2,9 +2,9 @@
 
 from logging.config import fileConfig
 
-from alembic import context
 from sqlalchemy import pool
 
+from alembic import context
 from estate.config import load_settings
 from estate.db.engine import make_engine
 from estate.db.models import Base

@@ -14,7 +14,15 @@ from estate.device_wire import BoardReading, Instruction
 from estate.energy import EnergyIntegrator
 from estate.messages import DeviceRecord, StoreReading
 
-__all__ = ["Board", "BoardTiming", "Effect", "SendCommand", "StateChanged", "Store"]
+__all__ = [
+    "DEFAULT_TIMING",
+    "Board",
+    "BoardTiming",
+    "Effect",
+    "SendCommand",
+    "StateChanged",
+    "Store",
+]
 
 UPDATE_ANSWER_INTERVAL = 2.0
 """Seconds between two answers to a board whose `update` flag stays set."""
@@ -49,13 +57,15 @@ class StateChanged:
 
 Effect = SendCommand | Store | StateChanged
 
+DEFAULT_TIMING = BoardTiming()
+
 
 @attrs.define
 class Board:
     """A board's connection, readings, energy and balance. Times: `now` is monotonic seconds."""
 
     record: DeviceRecord
-    timing: BoardTiming = BoardTiming()
+    timing: BoardTiming = DEFAULT_TIMING
     online: bool = False
     connected: bool = False
     balance: int = 0
@@ -140,9 +150,9 @@ class Board:
 
     def tick(self, now: float) -> list[Effect]:
         """Mark a silent board offline; keep a connected board alive."""
-        if self.online and self.last_heard is not None:
-            if now - self.last_heard >= self.timing.offline_after:
-                return self._went_offline()
+        heard = self.last_heard
+        if self.online and heard is not None and now - heard >= self.timing.offline_after:
+            return self._went_offline()
         if self.connected and self._keepalive_due(now):
             return [self._command(Instruction.PERSIST, "keepalive", now)]
         return []

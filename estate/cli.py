@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -37,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     device_commands = devices.add_subparsers(dest="devices_command", required=True)
     add = device_commands.add_parser("add", help="register a board locally")
     add.add_argument("device_id")
-    add.add_argument("--type", dest="connection_type", choices=["Consumer", "Producer"], required=True)
+    add.add_argument(
+        "--type", dest="connection_type", choices=["Consumer", "Producer"], required=True
+    )
     add.add_argument("--account", help="owner's Starknet account address (0x...)")
     add.add_argument("--central-id", type=int, help="the central's numeric id of the board")
     device_commands.add_parser("list", help="list the known boards")
@@ -157,10 +160,8 @@ def _start_simulation(
     ids = [f"{prefix}{n:03d}" for n in range(1, count + 1)]
     with engine.begin() as conn:
         for device_id in ids:
-            try:
+            with contextlib.suppress(DeviceExists):
                 register_device(conn, device_id, "Consumer")
-            except DeviceExists:
-                pass
     engine.dispose()
     print(f"simulating {count} boards ({ids[0]}..{ids[-1]}) on {broker_url}", flush=True)
     return [

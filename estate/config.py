@@ -81,7 +81,10 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip()
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # e.g. "Invalid IPv6 URL" for a stray '[' in a password
+            raise ValueError(f"expected a URL like {schemes[0]}://host[:port]") from None
         if parts.scheme not in schemes or not parts.hostname:
             raise ValueError(f"expected a URL like {schemes[0]}://host[:port]")
         try:
@@ -133,7 +136,10 @@ def mask_url(url: str | None) -> str | None:
     """`url` with any password replaced by `***`, for logs and reprs."""
     if not url or "@" not in url:
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unparsable: hide everything that may be credentials
+        return re.sub(r"://.*@", "://***@", url, count=1)
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)

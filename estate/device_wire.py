@@ -165,7 +165,7 @@ def parse_reading(payload: bytes) -> BoardReading:
         raise BadInput("too_large", f"{len(payload)} bytes, at most {MAX_PAYLOAD_BYTES}")
     try:
         document = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadInput("not_json", str(exc)) from None
     if not isinstance(document, dict):
         raise BadInput("not_object", f"a JSON {type(document).__name__}, not an object")
@@ -175,7 +175,8 @@ def parse_reading(payload: bytes) -> BoardReading:
     try:
         reading = _BOARD.structure(document, BoardReading)
     except cattrs.ClassValidationError as exc:
-        raise BadInput("bad_value", "; ".join(cattrs.transform_error(exc, format_exception=_why))) from None
+        problems = cattrs.transform_error(exc, format_exception=_why)
+        raise BadInput("bad_value", "; ".join(problems)) from None
     for name in ("current", "current_1"):
         value = getattr(reading, name)
         if value is not None and abs(value) > MAX_ABS_CURRENT:

@@ -287,3 +287,8 @@ class PauseReadings:
 @attrs.frozen
 class GetBoardState:
     """Ask a simulated board for its state (a dict of plain values)."""
+
+
+@attrs.frozen
+class GetRecorded:
+    """Ask a Recorder for every message it received, in order."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+
+from alembic import command
 
 __all__ = ["alembic_config", "driver_url", "make_engine", "upgrade"]
 

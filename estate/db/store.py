@@ -128,7 +128,7 @@ def register_device(
     )
 
 
-def _insert_ignoring_duplicates(conn: Connection):  # noqa: ANN202
+def _insert_ignoring_duplicates(conn: Connection):
     dialect = {"postgresql": postgresql, "sqlite": sqlite}[conn.dialect.name]
     return dialect.insert(ReadingRow).on_conflict_do_nothing(
         index_elements=["device_pk", "boot", "seq", "digest"]

@@ -1,0 +1,188 @@
+"""Driving a DeviceActor in-process with messages, no broker and no database.
+
+For the project's tests and for users testing their own estate logic:
+
+    with DeviceHarness("H001", balance=5) as board:
+        board.hello()
+        board.reading(current=0.42, voltage=12.1, seq=1)
+        board.advance(5); board.tick()
+        assert board.commands() == ["5,1", "5,1"]
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import pykka
+
+from actors.base import EstateActor
+from actors.device import DeviceActor
+from estate.board import DEFAULT_TIMING, BoardTiming
+from estate.device_wire import BoardReading, Instruction, Topics, payload_digest
+from estate.messages import (
+    AckToken,
+    BoardSaidHello,
+    BoardSentReading,
+    BoardStatusChanged,
+    DeviceRecord,
+    GetDeviceState,
+    GetRecorded,
+    PeersChanged,
+    PublishMessage,
+    RecordCommand,
+    RecordDeviceState,
+    SendInstruction,
+    StoreReading,
+    Tick,
+)
+from estate.types import DeviceId, DevicePk
+
+__all__ = ["DeviceHarness", "ManualClock", "Recorder"]
+
+ASK_TIMEOUT = 5.0
+
+
+class Recorder(EstateActor):
+    """A stand-in peer that keeps every message it is told."""
+
+    kind = "recorder"
+
+    def __init__(self, name: str = "recorder") -> None:
+        super().__init__(name)
+        self.received: list[Any] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, GetRecorded):
+            return tuple(self.received)
+        self.received.append(message)
+        return None
+
+
+class ManualClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+class DeviceHarness:
+    """One DeviceActor wired to Recorder peers, with a manual clock."""
+
+    def __init__(
+        self,
+        device_id: str = "H001",
+        connection_type: str = "Consumer",
+        balance: int = 0,
+        hub: str = "estate",
+        timing: BoardTiming = DEFAULT_TIMING,
+    ) -> None:
+        self.record = DeviceRecord(
+            pk=DevicePk(1),
+            device_id=DeviceId(device_id),
+            connection_type=connection_type,
+            balance=balance,
+        )
+        self.topics, self.timing = Topics(hub), timing
+        self.clock = ManualClock()
+        self._mid = 0
+        self.mqtt: pykka.ActorRef[Any] | None = None
+        self.db: pykka.ActorRef[Any] | None = None
+        self.device: pykka.ActorRef[Any] | None = None
+
+    def __enter__(self) -> DeviceHarness:
+        self.mqtt, self.db = Recorder.start("mqtt"), Recorder.start("db")
+        peers = PeersChanged({"mqtt": self.mqtt, "db": self.db})
+        self.device = DeviceActor.start(
+            self.record, self.topics, peers, self.timing, clock=self.clock
+        )
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for ref in (self.device, self.mqtt, self.db):
+            if ref is not None and ref.is_alive():
+                ref.stop()
+
+    # -- what the board says ---------------------------------------------------------------
+
+    def _ask(self, message: Any) -> Any:
+        assert self.device is not None, "use DeviceHarness as a context manager"
+        return self.device.ask(message, timeout=ASK_TIMEOUT)
+
+    def _tell_and_wait(self, message: Any) -> None:
+        assert self.device is not None, "use DeviceHarness as a context manager"
+        self.device.tell(message)
+        self._ask(GetDeviceState())  # the mailbox is in order: this returns after `message`
+
+    def hello(self) -> None:
+        self._tell_and_wait(BoardSaidHello(self.record.device_id, datetime.now(UTC)))
+
+    def reading(
+        self,
+        current: float,
+        voltage: float,
+        seq: int | None = None,
+        update: bool = False,
+        req: bool | None = True,
+        dup: bool = False,
+        at: datetime | None = None,
+    ) -> AckToken:
+        """A telemetry message; returns the ack token the DbWriter would acknowledge."""
+        self._mid += 1
+        ack = AckToken(generation=1, mid=self._mid)
+        reading = BoardReading(current=current, voltage=voltage, update=update, req=req, seq=seq)
+        digest = payload_digest(repr(reading).encode())
+        received_at = at or datetime.now(UTC)
+        self._tell_and_wait(
+            BoardSentReading(self.record.device_id, reading, digest, dup, received_at, ack)
+        )
+        return ack
+
+    def status(self, online: bool) -> None:
+        self._tell_and_wait(BoardStatusChanged(self.record.device_id, online, datetime.now(UTC)))
+
+    def tick(self) -> None:
+        self._tell_and_wait(Tick())
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass (then call `tick` to let the actor notice)."""
+        self.clock.advance(seconds)
+
+    def instruct(self, instruction: int, reason: str = "test") -> None:
+        self._tell_and_wait(SendInstruction(Instruction(instruction), reason))
+
+    # -- what the actor did ----------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return self._ask(GetDeviceState())
+
+    def published(self) -> list[PublishMessage]:
+        assert self.mqtt is not None
+        return list(self.mqtt.ask(GetRecorded(), timeout=ASK_TIMEOUT))
+
+    def commands(self) -> list[str]:
+        """The payloads sent to the board, as text without the newline."""
+        return [m.payload.decode().strip() for m in self.published()]
+
+    def _written(self, kind: type) -> list[Any]:
+        assert self.db is not None
+        return [m for m in self.db.ask(GetRecorded(), timeout=ASK_TIMEOUT) if isinstance(m, kind)]
+
+    def stored(self) -> list[StoreReading]:
+        return self._written(StoreReading)
+
+    def recorded_commands(self) -> list[RecordCommand]:
+        return self._written(RecordCommand)
+
+    def recorded_states(self) -> list[RecordDeviceState]:
+        return self._written(RecordDeviceState)
