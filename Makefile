@@ -26,7 +26,7 @@ test: venv
 
 ## the end-to-end throughput benchmark (see README "Benchmarks")
 bench: venv
-	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.pipeline --boards 100 --seconds 20
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

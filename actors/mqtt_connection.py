@@ -98,6 +98,8 @@ class MqttConnection(EstateActor):
         self.endpoint, self.topics = endpoint, topics
         self.routes: dict[DeviceId, pykka.ActorRef[Any]] | None = None  # None: not yet known
         self.unrouted: deque[tuple[DeviceId, Any]] = deque(maxlen=MAX_UNROUTED)
+        # a resumed session delivers before the devices are loaded: hold, do not reject
+        self.early: deque[MqttMessageReceived] = deque(maxlen=MAX_UNROUTED)
         self.connected = False
         self.generation = -1
         self.counts: Counter[str] = Counter()
@@ -161,6 +163,9 @@ class MqttConnection(EstateActor):
 
     @handles(MqttMessageReceived)
     def _received(self, message: MqttMessageReceived) -> None:
+        if self.routes is None:
+            self.early.append(message)
+            return
         self.counts["received"] += 1
         try:
             device_id, kind = self.topics.parse(message.topic)
@@ -203,6 +208,9 @@ class MqttConnection(EstateActor):
         self.routes = dict(message.routes)
         if first:
             self._subscribe()
+            early, self.early = list(self.early), deque(maxlen=MAX_UNROUTED)
+            for received in early:
+                self._received(received)
         held, self.unrouted = list(self.unrouted), deque(maxlen=MAX_UNROUTED)
         for device_id, event in held:
             if device_id in self.routes:

@@ -33,6 +33,7 @@ from estate.db.engine import driver_url, make_engine, upgrade
 from estate.db.models import ReadingRow
 from estate.db.store import register_device
 from estate.device_wire import Topics
+from estate.mosquitto import MosquittoProcess
 from estate.mqtt_client import BrokerEndpoint, connect_async, make_client
 
 
@@ -89,7 +90,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--window", type=float, default=2.0, help="sampling window, seconds")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
-    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument(
+        "--broker", default=None, help="broker URL (default: a private Mosquitto with the "
+        "limits of deploy/mosquitto.conf)"
+    )
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
     return parser.parse_args()
 
@@ -150,6 +154,10 @@ def main() -> int:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = args.pg.rsplit("/", 1)[0] + f"/{name}"
     ids = [f"B{n:04d}" for n in range(1, args.boards + 1)]
+    broker = None
+    if args.broker is None:
+        broker = MosquittoProcess().start()
+        args.broker = broker.url
     try:
         upgrade(url)
         engine = make_engine(url)
@@ -160,6 +168,8 @@ def main() -> int:
         baseline, base_accepted = _baseline(args, ids)
         measured, accepted, distinct = _gateway(args, url, ids)
     finally:
+        if broker is not None:
+            broker.stop()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

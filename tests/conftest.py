@@ -72,7 +72,7 @@ def pg_url(pg_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path) -> str:  # noqa: ANN001
+def sqlite_url(tmp_path) -> str:
     url = f"sqlite:///{tmp_path / 'estate.db'}"
     upgrade(url)
     return url
@@ -108,7 +108,7 @@ def _no_leftover_actors() -> Iterator[None]:
 def engine_for() -> Iterator[Callable[[str], object]]:
     engines = []
 
-    def make(url: str):  # noqa: ANN202
+    def make(url: str):
         engine = make_engine(url)
         engines.append(engine)
         return engine
