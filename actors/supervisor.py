@@ -18,6 +18,8 @@ from estate.config import Settings
 from estate.device_wire import Topics
 from estate.messages import (
     ActorFailed,
+    ActorInfo,
+    GetActors,
     DeviceRecord,
     DevicesLoaded,
     GetStats,
@@ -200,6 +202,19 @@ class Supervisor(EstateActor):
             # readings the dead writer held are unacknowledged: have the broker send them again
             tell_if_alive(self.core["mqtt"], Reconnect())
         self.log.info("%s restarted", message.name)
+
+    @handles(GetActors)
+    def _actors(self, _message: GetActors) -> tuple[ActorInfo, ...]:
+        restarts = self.policy.restarts
+        entries = [(role, ref) for role, ref in self.core.items()]
+        entries += [(f"device:{d}", ref) for d, ref in sorted(self.devices.items())]
+        return (
+            ActorInfo("supervisor", self.kind, self.actor_ref, 0),
+            *(
+                ActorInfo(name, name.split(":")[0], ref, restarts.get(name, 0))
+                for name, ref in entries
+            ),
+        )
 
     @handles(GetStats)
     def _stats(self, _message: GetStats) -> dict[str, Any]:

@@ -103,6 +103,19 @@ def _database_url(raw: str) -> str:
     return value
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_port(raw: str) -> str | None:
+    value = raw.strip()
+    if value.lower() == "off":
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError("expected host:port (e.g. 127.0.0.1:9480) or off")
+    return value
+
+
 def _existing_file(raw: str) -> str:
     value = raw.strip()
     if not Path(value).is_file():
@@ -251,10 +264,42 @@ class Settings:
     log_level: str = _setting(
         "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", doc="log level"
     )
+    log_format: str = _setting(
+        "LOG_FORMAT", _choice("text", "json"), "text", doc="human-readable text or JSON lines"
+    )
+    health_address: str | None = _setting(
+        "HEALTH_ADDRESS",
+        _host_port,
+        "127.0.0.1:9480",
+        doc="host:port of /healthz and /metrics; 'off' disables",
+    )
+    repl_socket: str | None = _setting(
+        "REPL_SOCKET",
+        _text,
+        None,
+        doc="Unix socket of the REPL (mode 0600); default RUNTIME_DIR/estate-HUB.sock; 'off'",
+    )
+    repl_tcp: str | None = _setting(
+        "REPL_TCP", _host_port, None, doc="host:port of a TCP REPL (needs REPL_TOKEN)"
+    )
+    repl_token: str | None = _setting(
+        "REPL_TOKEN", _text, None, secret=True, doc="token a TCP REPL client must send first"
+    )
+    repl_allow_remote: bool = _setting(
+        "REPL_ALLOW_REMOTE", _flag, False, doc="allow REPL_TCP on a non-loopback address"
+    )
 
     @property
     def client_id(self) -> str:
         return self.mqtt_client_id or f"estate-gateway-{self.hub_name}"
+
+    @property
+    def repl_socket_path(self) -> str | None:
+        """Where the REPL's Unix socket lives (None: no Unix socket REPL)."""
+        if self.repl_socket is not None:
+            return None if self.repl_socket.lower() == "off" else self.repl_socket
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/estate-{os.getuid()}"
+        return str(Path(runtime) / f"estate-{self.hub_name}.sock")
 
     @classmethod
     def variables(cls) -> list[attrs.Attribute]:
@@ -315,9 +360,30 @@ def load_settings(
             source["starknet_private_key"] = "STARKNET_PRIVATE_KEY_FILE"
 
     try:
-        return _converter().structure(raw, Settings)
+        settings = _converter().structure(raw, Settings)
     except cattrs.ClassValidationError as exc:
         raise ConfigError(_describe(exc, raw, source)) from None
+    if problems := _cross_checks(settings):
+        raise ConfigError(problems)
+    return settings
+
+
+def _cross_checks(settings: Settings) -> list[str]:
+    """Rules that involve several variables."""
+    problems = []
+    if settings.repl_tcp is not None:
+        host = settings.repl_tcp.rpartition(":")[0].strip("[]")
+        if not settings.repl_token:
+            problems.append(
+                f"REPL_TCP={settings.repl_tcp!r}: a TCP REPL needs REPL_TOKEN "
+                "(a long random secret)"
+            )
+        if host not in LOOPBACK and not settings.repl_allow_remote:
+            problems.append(
+                f"REPL_TCP={settings.repl_tcp!r}: not a loopback address; set "
+                "REPL_ALLOW_REMOTE=true (with REPL_TOKEN) to accept it"
+            )
+    return problems
 
 
 def _describe(

@@ -237,6 +237,21 @@ class ReloadDevices:
 
 
 @attrs.frozen
+class ActorInfo:
+    """One running actor as the Supervisor knows it."""
+
+    name: str
+    kind: str
+    ref: Any
+    restarts: int
+
+
+@attrs.frozen
+class GetActors:
+    """Ask the Supervisor for every actor it runs (a tuple of ActorInfo)."""
+
+
+@attrs.frozen
 class GetStats:
     """Ask an actor for its counters (a dict of plain values)."""
 

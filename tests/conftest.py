@@ -93,7 +93,8 @@ def hub() -> str:
 @pytest.fixture
 def make_settings(hub: str) -> Callable[..., Settings]:
     def make(**env: str) -> Settings:
-        return load_settings({"HUB_NAME": hub, **env}, env_file=None)
+        defaults = {"HUB_NAME": hub, "HEALTH_ADDRESS": "127.0.0.1:0", "REPL_SOCKET": "off"}
+        return load_settings({**defaults, **env}, env_file=None)
 
     return make
 
