@@ -7,8 +7,8 @@ from collections import Counter
 from typing import Any
 
 import pykka
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from actors.base import EstateActor, Ticker, handles
 from estate.db.engine import make_engine
@@ -21,6 +21,7 @@ from estate.messages import (
     GetStats,
     LoadDevices,
     PeersChanged,
+    ProbeDatabase,
     RecordCommand,
     RecordDeviceState,
     StoreReading,
@@ -30,6 +31,10 @@ __all__ = ["DbWriter"]
 
 RETRY_MIN, RETRY_MAX = 0.5, 15.0
 
+# The database refused the data itself (a reading of a device row deleted meanwhile, a
+# value out of range): writing it again can never succeed, so it must not block the rest.
+DATA_ERRORS = (IntegrityError, DataError)
+
 
 class DbWriter(EstateActor):
     """Writes readings, device states and commands; acknowledges readings after the commit.
@@ -38,6 +43,12 @@ class DbWriter(EstateActor):
     `flush_interval` seconds. While the database fails, everything waits in memory
     (bounded by the broker's in-flight window, since nothing is acknowledged) and the
     flush is retried with backoff.
+
+    A flush the database refuses for its data (IntegrityError, DataError) is not
+    retried as a whole: its readings, device states and commands are written one a
+    transaction, and those still refused are logged, counted (`rejected_by_db`,
+    `states_rejected_by_db`, `commands_rejected_by_db`) and dropped; their readings are
+    acknowledged all the same, since a redelivery would be refused again.
     """
 
     kind = "db"
@@ -146,21 +157,105 @@ class DbWriter(EstateActor):
             try:
                 with self.engine.begin() as conn:
                     inserted = write_batch(conn, batch, self.states, self.commands)
+            except DATA_ERRORS as exc:
+                self.log.warning(
+                    "database refused a flush of %d readings, %d states, %d commands (%s); "
+                    "writing them one a transaction",
+                    len(batch),
+                    len(self.states),
+                    len(self.commands),
+                    _short(exc),
+                )
+                if not self._flush_one_by_one(batch):
+                    return
+                continue
             except SQLAlchemyError as exc:
                 self._failed(exc)
                 return
             self.last_flush_seconds = time.perf_counter() - started
             self.last_batch_size = len(batch)
             self.counts["flushes"] += 1
-            self.counts["stored"] += inserted
-            self.counts["duplicates"] += len(batch) - inserted
-            if self.failures:
-                self.log.info("database writable again after %d failed flushes", self.failures)
-            self.failures, self.retry_at = 0, 0.0
+            self.counts["flush_seconds_total"] += self.last_flush_seconds
+            self.counts["batch_readings_total"] += len(batch)
+            self._count_written(len(batch), inserted)
+            self._writable()
             del self.readings[: len(batch)]
             self.states, self.commands = [], []
             self._acknowledge(batch)
         self.oldest = None
+
+    def _flush_one_by_one(self, batch: list[StoreReading]) -> bool:
+        """Write `batch`, then the states and commands, one a transaction; drop the refused.
+
+        Return False if the database failed otherwise (connection lost): what was done is
+        kept and acknowledged, the rest waits for the retry with backoff.
+        """
+        assert self.engine is not None
+        refused: dict[tuple[int, str], list[int | None]] = {}
+        done = 0
+        try:
+            for reading in batch:
+                try:
+                    with self.engine.begin() as conn:
+                        inserted = write_batch(conn, [reading])
+                except DATA_ERRORS as exc:
+                    self.counts["rejected_by_db"] += 1
+                    refused.setdefault((reading.device_pk, _short(exc)), []).append(reading.seq)
+                else:
+                    self._count_written(1, inserted)
+                done += 1
+            while self.states:
+                self._write_one(self.states[0])
+                self.states.pop(0)
+            while self.commands:
+                self._write_one(self.commands[0])
+                self.commands.pop(0)
+        except SQLAlchemyError as exc:
+            self._failed(exc)
+            return False
+        finally:
+            for (pk, reason), seqs in refused.items():
+                self.log.error(
+                    "database refused %d reading(s) of device pk %s (seq %s): %s; "
+                    "acknowledged and dropped",
+                    len(seqs),
+                    pk,
+                    ", ".join(str(seq) for seq in seqs[:10]) + (" ..." if len(seqs) > 10 else ""),
+                    reason,
+                )
+            del self.readings[:done]
+            self._acknowledge(batch[:done])
+        self.counts["flushes_one_by_one"] += 1
+        self._writable()
+        return True
+
+    def _write_one(self, item: RecordDeviceState | RecordCommand) -> None:
+        """One device state or command in its own transaction; log and count a refusal."""
+        assert self.engine is not None
+        is_state = isinstance(item, RecordDeviceState)
+        try:
+            with self.engine.begin() as conn:
+                write_batch(conn, (), [item] if is_state else [], [] if is_state else [item])
+        except DATA_ERRORS as exc:
+            reason = _short(exc)
+        else:
+            return
+        self.counts["states_rejected_by_db" if is_state else "commands_rejected_by_db"] += 1
+        self.log.error(
+            "database refused a %s of device pk %s: %s; dropped",
+            "device state" if is_state else "command",
+            item.device_pk,
+            reason,
+        )
+
+    def _count_written(self, readings: int, inserted: int) -> None:
+        self.counts["stored"] += inserted
+        self.counts["duplicates"] += readings - inserted
+
+    def _writable(self) -> None:
+        if self.failures:
+            self.log.info("database writable again after %d failed flushes", self.failures)
+        self.failures, self.retry_at = 0, 0.0
 
     def _acknowledge(self, batch: list[StoreReading]) -> None:
         tokens = tuple(r.ack for r in batch if r.ack is not None)
@@ -183,6 +278,23 @@ class DbWriter(EstateActor):
             delay,
             _short(exc),
         )
+
+    @handles(ProbeDatabase)
+    def _probe(self, _message: ProbeDatabase) -> tuple[bool, str]:
+        """Run a tiny transaction now (for /healthz): (True, "ok") or (False, why not)."""
+        if self.engine is None:
+            return False, "the writer has no engine (stopped)"
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text("SELECT 1"))
+                if (
+                    conn.dialect.name == "postgresql"
+                    and conn.execute(text("SHOW transaction_read_only")).scalar() == "on"
+                ):
+                    return False, "the database is read-only (a standby?)"
+        except SQLAlchemyError as exc:
+            return False, _short(exc)
+        return True, "ok"
 
 
 def _short(exc: SQLAlchemyError) -> str:

@@ -15,7 +15,7 @@ from estate.mqtt_client import BrokerEndpoint
 
 __all__ = ["Gateway"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("estate.gateway")
 
 
 def board_endpoint(settings: Settings, url: str) -> BrokerEndpoint:

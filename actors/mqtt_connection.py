@@ -11,6 +11,7 @@ import paho.mqtt.client as mqtt
 import pykka
 
 from actors.base import EstateActor, handles, tell_if_alive
+from estate.config import mask_url
 from estate.device_wire import (
     BadInput,
     TopicKind,
@@ -42,6 +43,9 @@ __all__ = ["MqttConnection"]
 MAX_UNROUTED = 10_000
 """Readings held for a board whose actor is restarting, at most."""
 
+REFUSED = "refused: "
+"""Prefix of the reason of a CONNACK that refused us (bad credentials, not authorised...)."""
+
 
 class _PahoBridge:
     """Paho's callbacks: convert to our messages and tell the actor, nothing else.
@@ -56,7 +60,7 @@ class _PahoBridge:
 
     def on_connect(self, _client: Any, _data: Any, flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
-            tell_if_alive(self.ref, MqttDisconnected(self.generation, f"refused: {reason}"))
+            tell_if_alive(self.ref, MqttDisconnected(self.generation, f"{REFUSED}{reason}"))
             return
         self.generation = time.monotonic_ns()
         tell_if_alive(self.ref, MqttConnected(self.generation, bool(flags.session_present)))
@@ -96,6 +100,7 @@ class MqttConnection(EstateActor):
     ) -> None:
         super().__init__(name, supervisor)
         self.endpoint, self.topics = endpoint, topics
+        self.broker = mask_url(endpoint.url)  # for logs and stats: never the password
         self.routes: dict[DeviceId, pykka.ActorRef[Any]] | None = None  # None: not yet known
         self.unrouted: deque[tuple[DeviceId, Any]] = deque(maxlen=MAX_UNROUTED)
         # a resumed session delivers before the devices are loaded: hold, do not reject
@@ -118,7 +123,7 @@ class MqttConnection(EstateActor):
         connect_async(client, self.endpoint)
         client.loop_start()
         self.client = client
-        self.log.info("connecting to %s as %s", self.endpoint.url, self.endpoint.client_id)
+        self.log.info("connecting to %s as %s", self.broker, self.endpoint.client_id)
 
     def teardown(self) -> None:
         if self.client is not None:
@@ -135,7 +140,7 @@ class MqttConnection(EstateActor):
         self.counts["connects"] += 1
         self.log.info(
             "connected to %s (session %s)",
-            self.endpoint.url,
+            self.broker,
             "resumed" if event.session_present else "new",
         )
 
@@ -146,10 +151,17 @@ class MqttConnection(EstateActor):
 
     @handles(MqttDisconnected)
     def _disconnected(self, event: MqttDisconnected) -> None:
-        if self.connected:
+        if event.reason.startswith(REFUSED):
+            # paho retries with backoff (1 s doubling to 30 s): one line per attempt at most
+            self.counts["refused"] += 1
             self.log.warning(
-                "disconnected from %s: %s; reconnecting", self.endpoint.url, event.reason
+                "connection to %s as %s %s; retrying",
+                self.broker,
+                self.endpoint.client_id,
+                event.reason,
             )
+        elif self.connected:
+            self.log.warning("disconnected from %s: %s; reconnecting", self.broker, event.reason)
         self.connected = False
 
     @handles(Reconnect)
@@ -244,7 +256,7 @@ class MqttConnection(EstateActor):
     def _stats(self, _message: GetStats) -> dict[str, Any]:
         return {
             "connected": self.connected,
-            "broker": self.endpoint.url,
+            "broker": self.broker,
             **self.counts,
             "rejected": dict(self.rejected),
             "unrouted": len(self.unrouted),

@@ -11,7 +11,9 @@ import pykka
 
 from actors.base import EstateActor, Ticker, handles, tell_if_alive
 from actors.db_writer import DbWriter
+from actors.debug import DebugActor
 from actors.device import DeviceActor
+from actors.health import HealthServer
 from actors.mqtt_connection import MqttConnection
 from estate.board import BoardTiming
 from estate.config import Settings
@@ -19,9 +21,9 @@ from estate.device_wire import Topics
 from estate.messages import (
     ActorFailed,
     ActorInfo,
-    GetActors,
     DeviceRecord,
     DevicesLoaded,
+    GetActors,
     GetStats,
     LoadDevices,
     PeersChanged,
@@ -39,6 +41,10 @@ __all__ = ["RestartPolicy", "Supervisor"]
 RELOAD_PERIOD = 30.0
 """Seconds between two reloads of the known devices from the database."""
 
+OPTIONAL_ROLES = ("health", "debug")
+"""Core actors the gateway runs without, after OPTIONAL_GIVE_UP failures in a row."""
+OPTIONAL_GIVE_UP = 5
+
 
 class RestartPolicy:
     """One-for-one restarts with exponential backoff; a quiet minute forgives the past."""
@@ -54,6 +60,9 @@ class RestartPolicy:
         self.failures[name] = (count, now)
         self.restarts[name] = self.restarts.get(name, 0) + 1
         return min(self.ceiling, self.base * 2 ** (count - 1))
+
+    def recent_failures(self, name: str) -> int:
+        return self.failures.get(name, (0, 0.0))[0]
 
 
 class Supervisor(EstateActor):
@@ -92,6 +101,10 @@ class Supervisor(EstateActor):
     def setup(self) -> None:
         self.core["db"] = self._start_core("db")
         self.core["mqtt"] = self._start_core("mqtt")
+        if self.settings.health_address is not None:
+            self.core["health"] = self._start_core("health")
+        if self.settings.repl_socket_path is not None or self.settings.repl_tcp is not None:
+            self.core["debug"] = self._start_core("debug")
         self._announce_peers()
         self.tickers = [
             Ticker(self.actor_ref, Tick(), self.timing.tick).start(),
@@ -100,12 +113,15 @@ class Supervisor(EstateActor):
         self.core["db"].tell(LoadDevices(self.actor_ref))
 
     def teardown(self) -> None:
-        """Stop in reverse order: boards first, then the writer (final flush), then MQTT."""
+        """Stop in reverse order: REPL and health, boards, the writer (final flush), MQTT."""
         self.stopping = True
         for ticker in self.tickers:
             ticker.stop()
         for timer in self.timers:
             timer.cancel()
+        for role in OPTIONAL_ROLES:
+            if role in self.core:
+                _join(self.core[role])
         for ref in self.devices.values():
             ref.stop(block=False)
         for ref in self.devices.values():
@@ -122,7 +138,13 @@ class Supervisor(EstateActor):
                 self.settings.db_flush_interval,
                 supervisor=self.actor_ref,
             )
-        return MqttConnection.start(self.endpoint, self.topics, supervisor=self.actor_ref)
+        if role == "mqtt":
+            return MqttConnection.start(self.endpoint, self.topics, supervisor=self.actor_ref)
+        if role == "health":
+            return HealthServer.start(self.settings, supervisor=self.actor_ref)
+        if role == "debug":
+            return DebugActor.start(self.settings, supervisor=self.actor_ref)
+        raise ValueError(f"no core actor {role!r}")
 
     def _peers(self) -> PeersChanged:
         return PeersChanged(self.core)
@@ -173,6 +195,17 @@ class Supervisor(EstateActor):
         if self.stopping:
             return
         delay = self.policy.delay(failure.name, self.clock())
+        if failure.name in OPTIONAL_ROLES and (
+            self.policy.recent_failures(failure.name) >= OPTIONAL_GIVE_UP
+        ):
+            self.core.pop(failure.name, None)
+            self.log.error(
+                "%s failed %d times in a row (%s); running without it until restarted",
+                failure.name,
+                OPTIONAL_GIVE_UP,
+                failure.reason,
+            )
+            return
         self.log.error(
             "%s crashed (%s); restarting in %.1fs", failure.name, failure.reason, delay
         )
@@ -198,7 +231,7 @@ class Supervisor(EstateActor):
         self._announce_peers()
         if message.name == "mqtt":
             tell_if_alive(self.core["mqtt"], RoutesChanged(self.devices))
-        else:
+        elif message.name == "db":
             # readings the dead writer held are unacknowledged: have the broker send them again
             tell_if_alive(self.core["mqtt"], Reconnect())
         self.log.info("%s restarted", message.name)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from estate.config import ConfigError, Settings, load_settings
+from estate.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -51,6 +52,32 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--prefix", default="SIM", help="device id prefix (default SIM)")
     simulate.add_argument("--interval", type=float, default=1.0, help="seconds between readings")
     simulate.add_argument("--register", action="store_true", help="register them in the database")
+
+    status = commands.add_parser("status", help="a running gateway's health and counters")
+    status.add_argument(
+        "--address", default=None, help="host:port of its /healthz (default HEALTH_ADDRESS)"
+    )
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for it")
+
+    repl = commands.add_parser("repl", help="a Python console into the running gateway")
+    repl.add_argument("--socket", metavar="PATH", help="Unix socket (default REPL_SOCKET's)")
+    repl.add_argument("--tcp", metavar="HOST:PORT", help="a TCP REPL (REPL_TCP) instead")
+    repl.add_argument(
+        "--token-file", metavar="FILE", help="file holding the TCP REPL's token (or REPL_TOKEN)"
+    )
+
+    fake = commands.add_parser(
+        "fake-central", help="run a fake central backend (its hub API) on this machine"
+    )
+    fake.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    fake.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    fake.add_argument("--api-key", help="the key hubs must send (default CENTRAL_API_KEY)")
+    fake.add_argument("--hub", help="the hub name in its tokens (default HUB_NAME)")
+    fake.add_argument(
+        "--devices", metavar="FILE.json", help="the devices sync_devices returns (a JSON list)"
+    )
     return parser
 
 
@@ -62,14 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"estate: configuration error: {problem}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if settings.log_level != "DEBUG":
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-    handler = {"run": _run, "db": _db, "devices": _devices, "simulate": _simulate}[args.command]
+    configure_logging(settings.log_level, settings.log_format)
+    handler = {
+        "run": _run,
+        "db": _db,
+        "devices": _devices,
+        "simulate": _simulate,
+        "fake-central": _fake_central,
+        "repl": _repl,
+        "status": _status,
+    }[args.command]
     try:
         return handler(settings, args)
     except KeyboardInterrupt:
@@ -190,6 +219,122 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
         for board in boards:
             board.stop()
     time.sleep(0)
+    return 0
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    """Print a running gateway's health; exit 0 healthy, 1 degraded, 2 unreachable."""
+    from estate.status import UNREACHABLE, Unreachable, fetch_status
+
+    address = args.address or settings.health_address
+    if address is None:
+        print("estate: HEALTH_ADDRESS is off: pass --address host:port", file=sys.stderr)
+        return UNREACHABLE
+    try:
+        status = fetch_status(address, timeout=args.timeout)
+    except Unreachable as exc:
+        print(f"estate: gateway unreachable: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    print(status.summary())
+    return status.exit_code
+
+
+def _repl(settings: Settings, args: argparse.Namespace) -> int:
+    """Connect to the gateway's REPL; line editing and history when stdin is a terminal."""
+    import socket
+
+    from estate.repl import run_client
+
+    token: str | None = None
+    if args.tcp:
+        if args.token_file:
+            try:
+                with open(args.token_file, encoding="utf-8") as file:
+                    token = file.readline().strip()
+            except OSError as exc:
+                print(f"estate: --token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
+                return 2
+        else:
+            token = settings.repl_token  # REPL_TOKEN, from the environment or .env
+        if not token:
+            print("estate: --tcp needs --token-file FILE or REPL_TOKEN", file=sys.stderr)
+            return 2
+        host, _, port = args.tcp.rpartition(":")
+        if not host or not port.isdigit():
+            print(f"estate: --tcp {args.tcp!r}: expected host:port", file=sys.stderr)
+            return 2
+        try:
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+        except OSError as exc:
+            print(
+                f"estate: cannot reach the REPL at {args.tcp} ({exc.strerror or exc}): "
+                f"is the gateway running? REPL_TCP={args.tcp}",
+                file=sys.stderr,
+            )
+            return 1
+        sock.settimeout(None)
+    else:
+        path = args.socket or settings.repl_socket_path
+        if path is None:
+            print("estate: the REPL is off (REPL_SOCKET=off); use --socket PATH", file=sys.stderr)
+            return 2
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            what = "no REPL socket" if isinstance(exc, FileNotFoundError) else "nobody listens"
+            print(
+                f"estate: {what} at {path}: is the gateway running? REPL_SOCKET={path}",
+                file=sys.stderr,
+            )
+            return 1
+        except OSError as exc:
+            sock.close()
+            print(f"estate: cannot connect to {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    code = run_client(sock, token)
+    if code and token is not None:
+        print("estate: the REPL closed the connection at once (wrong token?)", file=sys.stderr)
+    return code
+
+
+def _fake_central(settings: Settings, args: argparse.Namespace) -> int:
+    """Serve the central's hub API (estate.fake_central) until SIGINT or SIGTERM."""
+    import json
+    from pathlib import Path
+
+    from estate.central_wire import CentralProtocolError, SyncDevicesAnswer, structure_answer
+    from estate.fake_central import FakeCentral
+
+    devices: list[dict[str, Any]] = []
+    if args.devices:
+        try:
+            devices = json.loads(Path(args.devices).read_text())
+            structure_answer("devices file", {"success": True, "data": devices}, SyncDevicesAnswer)
+        except (OSError, ValueError, CentralProtocolError) as exc:
+            print(f"estate: --devices {args.devices}: {exc}", file=sys.stderr)
+            return 2
+    key = args.api_key or settings.central_api_key or "dev-api-key"
+    fake = FakeCentral(
+        api_key=key, hub=args.hub or settings.hub_name, port=args.port, host=args.host
+    )
+    try:
+        fake.start()
+    except OSError as exc:
+        print(f"estate: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    fake.set_devices(devices)
+    shown = "CENTRAL_API_KEY's" if not args.api_key and settings.central_api_key else repr(key)
+    print(
+        f"fake central on {fake.url}/hubs (hub {fake.hub!r}, api key {shown}, "
+        f"{len(devices)} devices); point the gateway at it with CENTRAL_URL={fake.url}",
+        flush=True,
+    )
+    try:
+        _wait_for_signal()
+    finally:
+        fake.stop()
     return 0
 
 

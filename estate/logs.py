@@ -1,12 +1,48 @@
-"""Logging helpers: a rate limiter for repeated errors."""
+"""Logging: human-readable or JSON lines, and a rate limiter for repeated errors.
+
+Each actor kind logs under its own logger (`estate.device`, `estate.mqtt`, ...).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
-__all__ = ["RateLimitedLog"]
+__all__ = ["JsonFormatter", "RateLimitedLog", "configure_logging"]
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the exception if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """Send the gateway's logs to stderr as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if level != "DEBUG":
+        for noisy in ("alembic", "amqtt", "transitions"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class RateLimitedLog:

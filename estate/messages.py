@@ -217,6 +217,11 @@ class DevicesLoaded:
     devices: tuple[DeviceRecord, ...]
 
 
+@attrs.frozen
+class ProbeDatabase:
+    """Ask the DbWriter to run a tiny transaction now: answers (ok, reason)."""
+
+
 # -- supervision --------------------------------------------------------------------------
 
 
@@ -254,6 +259,14 @@ class GetActors:
 @attrs.frozen
 class GetStats:
     """Ask an actor for its counters (a dict of plain values)."""
+
+
+# -- health -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class GetHealthAddress:
+    """Ask the HealthServer where it listens: "host:port" (None when disabled)."""
 
 
 # -- simulated boards ---------------------------------------------------------------------

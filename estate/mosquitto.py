@@ -2,10 +2,15 @@
 
 It uses the limits of the shipped `deploy/mosquitto.conf` (a deep queue, a wide
 in-flight window) so that what it measures is the gateway, not the broker's defaults.
+It runs as the user that starts it (Mosquitto started as root would otherwise switch
+to the `mosquitto` user, which cannot write its private folder) and logs to
+`<folder>/mosquitto.log`.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -25,9 +30,17 @@ max_inflight_messages 2000
 
 
 class MosquittoProcess:
-    """`mosquitto -c <private conf>` on 127.0.0.1:<free port>; `kill()` stops only it."""
+    """`mosquitto -c <private conf>` on 127.0.0.1:<free port>; `kill()` stops only it.
 
-    def __init__(self, extra_config: str = "", persistence: bool = False) -> None:
+    `extra_config` is appended to the configuration (for instance a second `listener`
+    with TLS); `allow_anonymous=False` requires a `password_file` in it. `kill()` then
+    `start()` (or `restart()`) brings the broker back on the same port with the same
+    folder, so with `persistence` its saved sessions too.
+    """
+
+    def __init__(
+        self, extra_config: str = "", persistence: bool = False, allow_anonymous: bool = True
+    ) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
@@ -38,8 +51,11 @@ class MosquittoProcess:
             f"persistence true\npersistence_location {self.folder}/\n" if persistence else ""
         )
         self.config = self.folder / "mosquitto.conf"
+        self.log_path = self.folder / "mosquitto.log"
+        anonymous = "true" if allow_anonymous else "false"
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous {anonymous}\n"
             f"{persistence_lines}{LIMITS}{extra_config}"
         )
         self.process: subprocess.Popen[bytes] | None = None
@@ -49,15 +65,16 @@ class MosquittoProcess:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
-        self.process = subprocess.Popen(
-            [self.binary, "-c", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with self.log_path.open("ab") as log:  # a file: a pipe nobody reads would fill up
+            self.process = subprocess.Popen(
+                [self.binary, "-c", str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                error = self.process.stderr.read().decode() if self.process.stderr else ""
+                error = self.log_path.read_text(errors="replace")
                 raise RuntimeError(f"mosquitto exited at start: {error.strip()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
@@ -72,6 +89,19 @@ class MosquittoProcess:
             self.process.kill()
             self.process.wait(10)
         self.process = None
+
+    def restart(self, down: float = 0.0, timeout: float = 10.0) -> MosquittoProcess:
+        """SIGKILL the broker, wait `down` seconds, start it again on the same port."""
+        self.kill()
+        time.sleep(down)
+        return self.start(timeout)
+
+    def log(self) -> str:
+        """What the broker logged so far (all its runs)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def stop(self) -> None:
         self.kill()

@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 
 from estate.config import Settings, load_settings
 from estate.db.engine import driver_url, make_engine, upgrade
+from estate.postgres import PostgresProcess
 
 PG_ADMIN_URL = os.environ.get("ESTATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 MOSQUITTO_URL = os.environ.get("ESTATE_TEST_MQTT", "mqtt://127.0.0.1:1883")
@@ -117,3 +118,17 @@ def engine_for() -> Iterator[Callable[[str], object]]:
     yield make
     for engine in engines:
         engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[PostgresProcess]:
+    """A private PostgreSQL cluster (not the system one) that a test may stop, kill, restart.
+
+    One per test module, destroyed (process and folder) at the module's end. Its `url`
+    is the cluster's `postgres` database, not migrated.
+    """
+    pg = PostgresProcess()
+    try:
+        yield pg.start()
+    finally:
+        pg.destroy()

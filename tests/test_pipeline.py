@@ -336,7 +336,7 @@ def test_bad_input_is_counted_never_stored(harness: Harness) -> None:
     assert device_row(harness.engine, "NOPE") is None
     sup = supervisor_stats(gateway)
     assert sup["devices"] == 1
-    assert set(sup["actors"]) == {"db", "mqtt", "device:H001"}
+    assert {a for a in sup["actors"] if a.startswith("device:")} == {"device:H001"}
     assert all(sup["actors"].values())
     assert sup["restarts"] == {}
     assert device_ref(gateway, "NOPE") is None
