@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pykka
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
-from actors.base import EstateActor, Ticker, handles
+from actors.base import EstateActor, Ticker, handles, tell_if_alive
 from estate.db.engine import make_engine
-from estate.db.store import load_devices, write_batch
+from estate.db.outbox import claim_batch, mark_sent, prune_relayed
+from estate.db.store import apply_central_devices, load_devices, write_batch
 from estate.logs import RateLimitedLog
 from estate.messages import (
     AckMessages,
+    ApplyCentralDevices,
+    ClaimRelayBatch,
     DevicesLoaded,
     FlushDue,
     GetStats,
     LoadDevices,
+    MarkRelayed,
     PeersChanged,
     ProbeDatabase,
+    PruneRelayed,
     RecordCommand,
     RecordDeviceState,
+    RelayBatchReady,
+    RelayOutboxIdle,
     StoreReading,
 )
 
@@ -131,7 +139,61 @@ class DbWriter(EstateActor):
         except SQLAlchemyError as exc:
             self.error_log.warning("load", "cannot load devices: %s", _short(exc))
             return
-        request.reply_to.tell(DevicesLoaded(devices))
+        tell_if_alive(request.reply_to, DevicesLoaded(devices))
+
+    @handles(ApplyCentralDevices)
+    def _apply_central(self, request: ApplyCentralDevices) -> None:
+        """Upsert the central's device list (removing the others), then reload."""
+        assert self.engine is not None
+        try:
+            with self.engine.begin() as conn:
+                removed = apply_central_devices(conn, request.devices)
+                devices = load_devices(conn)
+        except SQLAlchemyError as exc:
+            self.error_log.warning("sync", "cannot store the central's devices: %s", _short(exc))
+            return
+        if removed:
+            self.log.info("%d devices removed at the central marked removed", removed)
+        tell_if_alive(request.reply_to, DevicesLoaded(devices))
+
+    # -- the relay outbox ------------------------------------------------------------------
+
+    @handles(ClaimRelayBatch)
+    def _claim(self, request: ClaimRelayBatch) -> None:
+        """Reply with the next batch for the central (the unsent one first), if one is due."""
+        assert self.engine is not None
+        try:
+            with self.engine.begin() as conn:
+                batch = claim_batch(
+                    conn, request.max_size, timedelta(seconds=request.max_age), datetime.now(UTC)
+                )
+        except SQLAlchemyError as exc:
+            self.error_log.warning("outbox", "cannot claim readings to relay: %s", _short(exc))
+            batch = None
+        tell_if_alive(request.reply_to, RelayBatchReady(batch) if batch else RelayOutboxIdle())
+
+    @handles(MarkRelayed)
+    def _relayed(self, message: MarkRelayed) -> None:
+        assert self.engine is not None
+        try:
+            with self.engine.begin() as conn:
+                mark_sent(conn, message.batch_id, datetime.now(UTC))
+        except SQLAlchemyError as exc:
+            # the batch stays unsent and goes again with the same id: the central keeps one
+            self.error_log.warning("outbox", "cannot mark a batch relayed: %s", _short(exc))
+
+    @handles(PruneRelayed)
+    def _prune(self, message: PruneRelayed) -> None:
+        assert self.engine is not None
+        cutoff = datetime.now(UTC) - timedelta(days=message.retention_days)
+        try:
+            with self.engine.begin() as conn:
+                pruned = prune_relayed(conn, cutoff)
+        except SQLAlchemyError as exc:
+            self.error_log.warning("outbox", "cannot prune relayed readings: %s", _short(exc))
+            return
+        if pruned:
+            self.log.info("pruned %d readings relayed before %s", pruned, cutoff.isoformat())
 
     @handles(GetStats)
     def _stats(self, _message: GetStats) -> dict[str, Any]:

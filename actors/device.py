@@ -13,19 +13,24 @@ import pykka
 from actors.base import EstateActor, handles
 from estate.board import (
     DEFAULT_TIMING,
+    ActivityChanged,
     Board,
     BoardTiming,
     Effect,
+    PublishPower,
     SendCommand,
     StateChanged,
     Store,
+    StreamChanged,
+    StreamRefused,
 )
-from estate.device_wire import TopicKind, Topics, format_command
+from estate.device_wire import Instruction, TopicKind, Topics, format_command
 from estate.messages import (
     AckToken,
     BoardSaidHello,
     BoardSentReading,
     BoardStatusChanged,
+    DeviceActivityChanged,
     DeviceRecord,
     GetDeviceState,
     PeersChanged,
@@ -33,14 +38,33 @@ from estate.messages import (
     RecordCommand,
     RecordDeviceState,
     SendInstruction,
+    StartPowerStream,
+    StopPowerStream,
     Tick,
 )
+from estate.uplink_wire import UplinkTopics, format_power
 
 __all__ = ["DeviceActor"]
 
+POWER_QOS = 0
+"""QoS of the live power stream to the central.
+
+Each value is superseded by the next one 3 s later: a lost value costs nothing, while
+QoS 1 would have paho queue stale values during an uplink outage and deliver them late
+in a burst, and would double the packets for a value nobody needs twice.
+"""
+
 
 class DeviceActor(EstateActor):
-    """Owns one board's state; never blocks. Talks to the `mqtt` and `db` peers by tell."""
+    """Owns one board's state; never blocks. Talks to the `mqtt` and `db` peers by tell.
+
+    While the central's live power stream is on (StartPowerStream, from the uplink), it
+    publishes the board's latest power to `{hub}/power/{central_id}` about every 3 s
+    through the `uplink` peer, driven by the 1 s Tick. StopPowerStream ends the stream,
+    and so does the board going offline (silence or its `offline` status); a restart of
+    this actor ends it too (the central asks again). A board without a central id cannot
+    stream: the request is logged and ignored.
+    """
 
     kind = "device"
 
@@ -56,8 +80,16 @@ class DeviceActor(EstateActor):
         super().__init__(f"device:{record.device_id}", supervisor)
         self.board = Board(record, timing)
         self.command_topic = topics.of(record.device_id, TopicKind.COMMAND)
+        central_id, uplink_topics = record.central_id, UplinkTopics(topics.hub)
+        self.power_topic = None if central_id is None else uplink_topics.power(central_id)
         self.peers = dict(peers.peers)
         self.clock = clock
+
+    def on_stop(self) -> None:
+        """An orderly stop (shutdown, device removed): tell a connected board to go idle."""
+        if self.board.connected:
+            self._apply(self.board.instruct(Instruction.DISCONNECT, "stopping", self.clock()))
+        super().on_stop()
 
     @handles(BoardSaidHello)
     def _hello(self, _message: BoardSaidHello) -> None:
@@ -82,6 +114,14 @@ class DeviceActor(EstateActor):
     def _instruct(self, message: SendInstruction) -> None:
         self._apply(self.board.instruct(message.instruction, message.reason, self.clock()))
 
+    @handles(StartPowerStream)
+    def _start_stream(self, _message: StartPowerStream) -> None:
+        self._apply(self.board.start_stream(self.clock()))
+
+    @handles(StopPowerStream)
+    def _stop_stream(self, _message: StopPowerStream) -> None:
+        self._apply(self.board.stop_stream())
+
     @handles(GetDeviceState)
     def _state(self, _message: GetDeviceState) -> dict[str, object]:
         return self.board.snapshot()
@@ -103,6 +143,31 @@ class DeviceActor(EstateActor):
             elif isinstance(effect, StateChanged):
                 self.log.info("%s is %s", self.board.record.device_id, effect.status)
                 self._tell("db", RecordDeviceState(pk, effect.status, effect.load_on, now))
+            elif isinstance(effect, ActivityChanged) and "central" in self.peers:
+                self._tell(
+                    "central", DeviceActivityChanged(self.board.record.device_id, effect.active)
+                )
+            elif isinstance(effect, PublishPower):
+                self._publish_power(effect)
+            elif isinstance(effect, StreamChanged):
+                self.log.info(
+                    "%s: power stream %s (%s)",
+                    self.board.record.device_id,
+                    "on" if effect.streaming else "off",
+                    effect.reason,
+                )
+            elif isinstance(effect, StreamRefused):
+                self.log.warning(
+                    "%s: power stream not started: %s", self.board.record.device_id, effect.reason
+                )
+
+    def _publish_power(self, effect: PublishPower) -> None:
+        if self.power_topic is None or "uplink" not in self.peers:
+            # no uplink connection (yet): end the stream rather than fail the board
+            self._apply(self.board.stop_stream("no uplink connection"))
+            return
+        payload = format_power(effect.power, effect.at)
+        self._tell("uplink", PublishMessage(self.power_topic, payload, qos=POWER_QOS))
 
     def _tell(self, role: str, message: Any) -> None:
         ref = self.peers.get(role)

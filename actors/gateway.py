@@ -79,7 +79,6 @@ class Gateway:
             except (pykka.ActorDeadError, pykka.Timeout):
                 logger.warning("supervisor did not stop in %.0fs", timeout)
             self.supervisor = None
-        pykka.ActorRegistry.stop_all(block=True, timeout=timeout)
         if self.broker is not None:
             self.broker.stop()
             self.broker = None

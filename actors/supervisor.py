@@ -10,6 +10,7 @@ from typing import Any
 import pykka
 
 from actors.base import EstateActor, Ticker, handles, tell_if_alive
+from actors.central_api import CentralApi
 from actors.db_writer import DbWriter
 from actors.debug import DebugActor
 from actors.device import DeviceActor
@@ -26,6 +27,7 @@ from estate.messages import (
     GetActors,
     GetStats,
     LoadDevices,
+    NotifyShutdown,
     PeersChanged,
     Reconnect,
     ReloadDevices,
@@ -44,6 +46,9 @@ RELOAD_PERIOD = 30.0
 OPTIONAL_ROLES = ("health", "debug")
 """Core actors the gateway runs without, after OPTIONAL_GIVE_UP failures in a row."""
 OPTIONAL_GIVE_UP = 5
+
+SHUTDOWN_CALL_TIMEOUT = 4.0
+"""Seconds the shutdown waits for the central's answer to `POST /shutdown`."""
 
 
 class RestartPolicy:
@@ -101,6 +106,8 @@ class Supervisor(EstateActor):
     def setup(self) -> None:
         self.core["db"] = self._start_core("db")
         self.core["mqtt"] = self._start_core("mqtt")
+        if self.settings.central_url is not None:
+            self.core["central"] = self._start_core("central")
         if self.settings.health_address is not None:
             self.core["health"] = self._start_core("health")
         if self.settings.repl_socket_path is not None or self.settings.repl_tcp is not None:
@@ -126,9 +133,16 @@ class Supervisor(EstateActor):
             ref.stop(block=False)
         for ref in self.devices.values():
             _join(ref)
-        for role in ("db", "mqtt"):
-            if role in self.core:
-                _join(self.core[role], stop=True)
+        if "db" in self.core:
+            _join(self.core["db"])  # the final flush, and acks to the still running MQTT
+        if "central" in self.core:
+            try:
+                self.core["central"].ask(NotifyShutdown(), timeout=SHUTDOWN_CALL_TIMEOUT)
+            except (pykka.Timeout, pykka.ActorDeadError):
+                self.log.warning("the central was not told of the shutdown in time")
+            _join(self.core["central"])
+        if "mqtt" in self.core:
+            _join(self.core["mqtt"])
 
     def _start_core(self, role: str) -> pykka.ActorRef[Any]:
         if role == "db":
@@ -140,6 +154,8 @@ class Supervisor(EstateActor):
             )
         if role == "mqtt":
             return MqttConnection.start(self.endpoint, self.topics, supervisor=self.actor_ref)
+        if role == "central":
+            return CentralApi.start(self.settings, self.actor_ref, self._peers())
         if role == "health":
             return HealthServer.start(self.settings, supervisor=self.actor_ref)
         if role == "debug":

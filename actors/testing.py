@@ -12,6 +12,7 @@ For the project's tests and for users testing their own estate logic:
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,8 @@ import pykka
 
 from actors.base import EstateActor
 from actors.device import DeviceActor
+from actors.introspection import Introspection
+from actors.uplink import UplinkConnection, uplink_endpoint
 from estate.board import DEFAULT_TIMING, BoardTiming
 from estate.device_wire import BoardReading, Instruction, Topics, payload_digest
 from estate.messages import (
@@ -26,20 +29,24 @@ from estate.messages import (
     BoardSaidHello,
     BoardSentReading,
     BoardStatusChanged,
+    CentralRoutesChanged,
     DeviceRecord,
     GetDeviceState,
     GetRecorded,
+    GetStats,
     PeersChanged,
     PublishMessage,
     RecordCommand,
     RecordDeviceState,
     SendInstruction,
+    StartPowerStream,
+    StopPowerStream,
     StoreReading,
     Tick,
 )
-from estate.types import DeviceId, DevicePk
+from estate.types import CentralId, DeviceId, DevicePk
 
-__all__ = ["DeviceHarness", "ManualClock", "Recorder"]
+__all__ = ["DeviceHarness", "ManualClock", "Recorder", "attach_uplink", "wire_uplink"]
 
 ASK_TIMEOUT = 5.0
 
@@ -86,11 +93,13 @@ class DeviceHarness:
         balance: int = 0,
         hub: str = "estate",
         timing: BoardTiming = DEFAULT_TIMING,
+        central_id: int | None = None,
     ) -> None:
         self.record = DeviceRecord(
             pk=DevicePk(1),
             device_id=DeviceId(device_id),
             connection_type=connection_type,
+            central_id=None if central_id is None else CentralId(central_id),
             balance=balance,
         )
         self.topics, self.timing = Topics(hub), timing
@@ -98,18 +107,20 @@ class DeviceHarness:
         self._mid = 0
         self.mqtt: pykka.ActorRef[Any] | None = None
         self.db: pykka.ActorRef[Any] | None = None
+        self.uplink: pykka.ActorRef[Any] | None = None
         self.device: pykka.ActorRef[Any] | None = None
 
     def __enter__(self) -> DeviceHarness:
         self.mqtt, self.db = Recorder.start("mqtt"), Recorder.start("db")
-        peers = PeersChanged({"mqtt": self.mqtt, "db": self.db})
+        self.uplink = Recorder.start("uplink")
+        peers = PeersChanged({"mqtt": self.mqtt, "db": self.db, "uplink": self.uplink})
         self.device = DeviceActor.start(
             self.record, self.topics, peers, self.timing, clock=self.clock
         )
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        for ref in (self.device, self.mqtt, self.db):
+        for ref in (self.device, self.mqtt, self.db, self.uplink):
             if ref is not None and ref.is_alive():
                 ref.stop()
 
@@ -161,7 +172,18 @@ class DeviceHarness:
     def instruct(self, instruction: int, reason: str = "test") -> None:
         self._tell_and_wait(SendInstruction(Instruction(instruction), reason))
 
+    def start_stream(self) -> None:
+        self._tell_and_wait(StartPowerStream())
+
+    def stop_stream(self) -> None:
+        self._tell_and_wait(StopPowerStream())
+
     # -- what the actor did ----------------------------------------------------------------
+
+    def uplink_published(self) -> list[PublishMessage]:
+        """What the actor asked the uplink to publish (its power stream)."""
+        assert self.uplink is not None
+        return list(self.uplink.ask(GetRecorded(), timeout=ASK_TIMEOUT))
 
     def state(self) -> dict[str, Any]:
         return self._ask(GetDeviceState())
@@ -186,3 +208,66 @@ class DeviceHarness:
 
     def recorded_states(self) -> list[RecordDeviceState]:
         return self._written(RecordDeviceState)
+
+
+# -- the uplink beside a running gateway --------------------------------------------------
+
+
+def attach_uplink(
+    gateway: Any, uplink_url: str | None = None, devices: int = 0, timeout: float = 15.0
+) -> pykka.ActorRef[Any]:
+    """Start an UplinkConnection beside a started `actors.gateway.Gateway` and wire it.
+
+    `uplink_url` defaults to the gateway's UPLINK_MQTT_URL, else its boards' broker.
+    Waits for `devices` device actors, wires them (`wire_uplink`) and returns once the
+    uplink's subscription to `{hub}/commands` is granted. Stop it with `.stop()` (the
+    gateway's `stop()` stops it too). Stands in for the Supervisor's own wiring.
+    """
+    settings = gateway.settings
+    endpoint = uplink_endpoint(settings, gateway.broker_url, uplink_url)
+    uplink = UplinkConnection.start(endpoint, settings.hub_name)
+    wire_uplink(gateway, uplink, devices, timeout)
+    _wait(
+        lambda: uplink.ask(GetStats(), timeout=timeout)["subscribed"],
+        timeout,
+        f"the uplink to subscribe on {endpoint.url}",
+    )
+    return uplink
+
+
+def wire_uplink(
+    gateway: Any, uplink: pykka.ActorRef[Any], devices: int = 0, timeout: float = 15.0
+) -> dict[CentralId, pykka.ActorRef[Any]]:
+    """Give every device actor the `uplink` peer and the uplink its routes by central id.
+
+    What the Supervisor will do itself: PeersChanged (its core actors plus `uplink`)
+    to each device actor, CentralRoutesChanged to the uplink. A device actor started or
+    restarted later is not wired: call this again.
+    """
+    introspection = Introspection(gateway.supervisor, timeout=timeout)
+
+    def device_refs() -> list[pykka.ActorRef[Any]]:
+        infos = introspection.actor_infos()
+        refs = [info.ref for info in infos if info.kind == "device"]
+        return refs if len(refs) >= devices else []
+
+    refs = _wait(device_refs, timeout, f"{devices} device actors") if devices else device_refs()
+    core = dict(gateway.supervisor.proxy().core.get(timeout=timeout))
+    peers = PeersChanged({**core, "uplink": uplink})
+    routes: dict[CentralId, pykka.ActorRef[Any]] = {}
+    for ref in refs:
+        ref.tell(peers)
+        central_id = ref.ask(GetDeviceState(), timeout=timeout).get("central_id")
+        if central_id is not None:
+            routes[CentralId(central_id)] = ref
+    uplink.tell(CentralRoutesChanged(routes))
+    return routes
+
+
+def _wait(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+    return value

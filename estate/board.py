@@ -16,12 +16,16 @@ from estate.messages import DeviceRecord, StoreReading
 
 __all__ = [
     "DEFAULT_TIMING",
+    "ActivityChanged",
     "Board",
     "BoardTiming",
     "Effect",
+    "PublishPower",
     "SendCommand",
     "StateChanged",
     "Store",
+    "StreamChanged",
+    "StreamRefused",
 ]
 
 UPDATE_ANSWER_INTERVAL = 2.0
@@ -35,6 +39,8 @@ class BoardTiming:
     integration_max_gap: float = 5.0
     tick: float = 1.0
     """How often `tick` is called; keep-alives go out early enough not to miss a period."""
+    power_stream_interval: float = 3.0
+    """Seconds between two power values of a live stream to the central (PROTOCOL 3)."""
 
 
 @attrs.frozen
@@ -55,7 +61,45 @@ class StateChanged:
     load_on: bool | None
 
 
-Effect = SendCommand | Store | StateChanged
+@attrs.frozen
+class ActivityChanged:
+    """The board became connected (completed the handshake) or stopped being so."""
+
+    active: bool
+
+
+@attrs.frozen
+class PublishPower:
+    """Send the central one value of the live power stream: `power` W, measured `at`."""
+
+    power: float
+    at: datetime
+
+
+@attrs.frozen
+class StreamChanged:
+    """The live power stream started or ended, and why."""
+
+    streaming: bool
+    reason: str
+
+
+@attrs.frozen
+class StreamRefused:
+    """A stream was asked for and cannot be given (no central id, board offline)."""
+
+    reason: str
+
+
+Effect = (
+    SendCommand
+    | Store
+    | StateChanged
+    | ActivityChanged
+    | PublishPower
+    | StreamChanged
+    | StreamRefused
+)
 
 DEFAULT_TIMING = BoardTiming()
 
@@ -81,6 +125,8 @@ class Board:
     readings: int = 0
     duplicates: int = 0
     commands: int = 0
+    streaming: bool = False
+    last_power_sent: float | None = None
     _energy: EnergyIntegrator = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -98,15 +144,14 @@ class Board:
     def hello(self, now: float) -> list[Effect]:
         """The board is idle and asks to be connected: answer `<balance>,1`."""
         effects = self._heard(now)
-        self.connected = True
-        return [*effects, self._command(Instruction.PERSIST, "handshake", now)]
+        effects.append(self._command(Instruction.PERSIST, "handshake", now))
+        return effects + self._connect()
 
     def reading(
         self, reading: BoardReading, digest: str, dup: bool, received_at: datetime, now: float
     ) -> list[Effect]:
         """A telemetry message: store it, integrate its energy, answer its `update` flag."""
-        effects = self._heard(now)
-        self.connected = True
+        effects = self._heard(now) + self._connect()
         redelivered = self._track_boot(reading.seq, dup)
         at = reading.ts or received_at
         energy = 0.0 if redelivered else self._energy.add(at, reading.power)
@@ -149,13 +194,40 @@ class Board:
         return self._went_offline()
 
     def tick(self, now: float) -> list[Effect]:
-        """Mark a silent board offline; keep a connected board alive."""
+        """Mark a silent board offline; keep a connected board alive; stream its power."""
         heard = self.last_heard
         if self.online and heard is not None and now - heard >= self.timing.offline_after:
             return self._went_offline()
+        effects: list[Effect] = []
         if self.connected and self._keepalive_due(now):
-            return [self._command(Instruction.PERSIST, "keepalive", now)]
-        return []
+            effects.append(self._command(Instruction.PERSIST, "keepalive", now))
+        if self.streaming and self._power_due(now):
+            effects.extend(self._power(now))
+        return effects
+
+    def start_stream(self, now: float) -> list[Effect]:
+        """The central asks for the live power stream: the latest power about every 3 s.
+
+        The stream runs until `stop_stream` or until the board goes offline (silence,
+        or its `offline` status); the central must ask again after that. It needs the
+        board's central id (the topic is `{hub}/power/{central_id}`): a board registered
+        only locally cannot stream. Starting a running stream changes nothing.
+        """
+        if self.record.central_id is None:
+            return [StreamRefused("the board has no central id")]
+        if not self.online:
+            return [StreamRefused("the board is offline")]
+        if self.streaming:
+            return []
+        self.streaming, self.last_power_sent = True, None
+        return [StreamChanged(True, "asked by the central"), *self._power(now)]
+
+    def stop_stream(self, reason: str = "stopped by the central") -> list[Effect]:
+        """End the live power stream (nothing if none runs)."""
+        if not self.streaming:
+            return []
+        self.streaming = False
+        return [StreamChanged(False, reason)]
 
     def instruct(self, instruction: Instruction, reason: str, now: float) -> list[Effect]:
         """A command asked for from outside (the central, the REPL)."""
@@ -184,6 +256,8 @@ class Board:
             "readings": self.readings,
             "duplicates": self.duplicates,
             "commands": self.commands,
+            "central_id": self.record.central_id,
+            "streaming": self.streaming,
         }
 
     # -- rules -----------------------------------------------------------------------------
@@ -195,13 +269,21 @@ class Board:
         self.online = True
         return [StateChanged("online", self.load_on)]
 
+    def _connect(self) -> list[Effect]:
+        if self.connected:
+            return []
+        self.connected = True
+        return [ActivityChanged(True)]
+
     def _went_offline(self) -> list[Effect]:
+        effects: list[Effect] = [ActivityChanged(False)] if self.connected else []
+        effects += self.stop_stream("the board went offline")
         self.connected = False
         self._energy.reset()
         if not self.online:
-            return []
+            return effects
         self.online = False
-        return [StateChanged("offline", self.load_on)]
+        return [StateChanged("offline", self.load_on), *effects]
 
     def _track_boot(self, seq: int | None, dup: bool) -> bool:
         """Follow the board's `seq`; True when this looks like a redelivered message.
@@ -223,6 +305,18 @@ class Board:
         if self.last_command is None:
             return True
         return now - self.last_command + self.timing.tick > self.timing.keepalive_interval
+
+    def _power_due(self, now: float) -> bool:
+        last = self.last_power_sent
+        interval, tick = self.timing.power_stream_interval, self.timing.tick
+        return last is None or now - last + tick / 2 >= interval
+
+    def _power(self, now: float) -> list[Effect]:
+        """The latest reading's power, once there is one (a stream never invents a value)."""
+        if self.last_reading is None or self.last_reading_at is None:
+            return []
+        self.last_power_sent = now
+        return [PublishPower(self.last_reading.power, self.last_reading_at)]
 
     def _update_answer_due(self, now: float) -> bool:
         last = self.last_update_answer

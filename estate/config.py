@@ -222,11 +222,44 @@ class Settings:
     uplink_mqtt_url: str | None = _setting(
         "UPLINK_MQTT_URL", _url("mqtt", "mqtts"), None, doc="central's broker; default MQTT_URL"
     )
+    uplink_mqtt_ca_file: str | None = _setting(
+        "UPLINK_MQTT_CA_FILE", _existing_file, None, doc="CA bundle for an mqtts:// uplink"
+    )
+    uplink_mqtt_cert_file: str | None = _setting(
+        "UPLINK_MQTT_CERT_FILE", _existing_file, None, doc="client certificate for the uplink"
+    )
+    uplink_mqtt_key_file: str | None = _setting(
+        "UPLINK_MQTT_KEY_FILE", _existing_file, None, doc="client key for the uplink"
+    )
+    uplink_mqtt_tls_insecure: bool = _setting(
+        "UPLINK_MQTT_TLS_INSECURE", _flag, False, doc="skip the uplink broker's host name check"
+    )
     central_url: str | None = _setting(
         "CENTRAL_URL", _url("http", "https"), None, "BACKEND_URL", doc="central base URL"
     )
     central_api_key: str | None = _setting(
         "CENTRAL_API_KEY", _text, None, "BACKEND_KEY", secret=True, doc="the hub's API key"
+    )
+    relay_batch_max: int = _setting(
+        "RELAY_BATCH_MAX", _number(int, 1, 10_000), 500, doc="readings per relayed batch"
+    )
+    relay_batch_age: float = _setting(
+        "RELAY_BATCH_AGE",
+        _number(float, 0.0, 3600.0),
+        5.0,
+        doc="seconds the oldest reading may wait before a smaller batch is relayed",
+    )
+    relay_retention_days: float = _setting(
+        "RELAY_RETENTION_DAYS",
+        _number(float, 0.01, 36500.0),
+        30.0,
+        doc="days relayed readings are kept locally",
+    )
+    central_sync_interval: float = _setting(
+        "CENTRAL_SYNC_INTERVAL",
+        _number(float, 5.0, 86400.0),
+        600.0,
+        doc="seconds between two device syncs with the central",
     )
     starknet_rpc_url: str | None = _setting(
         "STARKNET_RPC_URL", _url("http", "https"), None, doc="JSON-RPC; unset: tokens off"
@@ -371,6 +404,11 @@ def load_settings(
 def _cross_checks(settings: Settings) -> list[str]:
     """Rules that involve several variables."""
     problems = []
+    if settings.central_url is not None and not settings.central_api_key:
+        problems.append(
+            f"CENTRAL_URL={settings.central_url!r}: the central needs CENTRAL_API_KEY "
+            "(or BACKEND_KEY), the hub's API key"
+        )
     if settings.repl_tcp is not None:
         host = settings.repl_tcp.rpartition(":")[0].strip("[]")
         if not settings.repl_token:

@@ -320,3 +320,101 @@ class GetBoardState:
 @attrs.frozen
 class GetRecorded:
     """Ask a Recorder for every message it received, in order."""
+
+
+# -- central backend ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class ApplyCentralDevices:
+    """Make the database's devices match the central's list, then tell `reply_to` the
+    known devices as DevicesLoaded."""
+
+    devices: tuple[Any, ...]
+    reply_to: Any
+
+
+@attrs.frozen
+class SyncNow:
+    """Sync the devices with the central now (on demand)."""
+
+
+@attrs.frozen
+class CentralTick:
+    """The CentralApi's clock: due syncs and retries."""
+
+
+@attrs.frozen
+class DeviceActivityChanged:
+    """A board completed the handshake (active) or went offline (inactive)."""
+
+    device_id: DeviceId
+    active: bool
+
+
+@attrs.frozen
+class ClaimRelayBatch:
+    """Ask the DbWriter for the next batch of readings to relay: it tells `reply_to`
+    RelayBatchReady, or RelayOutboxIdle when no batch is due."""
+
+    max_size: int
+    max_age: float
+    reply_to: Any
+
+
+@attrs.frozen
+class RelayBatchReady:
+    batch: Any
+    """An `estate.central_wire.ReadingsBatch` (frozen)."""
+
+
+@attrs.frozen
+class RelayOutboxIdle:
+    """No batch is due yet."""
+
+
+@attrs.frozen
+class MarkRelayed:
+    """The central accepted this batch."""
+
+    batch_id: str
+
+
+@attrs.frozen
+class PruneRelayed:
+    """Delete readings the central accepted more than `retention_days` ago."""
+
+    retention_days: float
+
+
+@attrs.frozen
+class NotifyShutdown:
+    """Tell the central the gateway is going down (`POST /shutdown`); answers True if done."""
+
+
+# -- uplink (the central's broker) --------------------------------------------------------
+
+
+@attrs.frozen
+class CentralRoutesChanged:
+    """The device actors the UplinkConnection routes to, by CENTRAL id (read-only mapping)."""
+
+    routes: Mapping[CentralId, Any] = attrs.field(converter=frozen_mapping)
+
+
+@attrs.frozen
+class StartPowerStream:
+    """Publish the board's power to the central about every 3 s (until stopped or offline)."""
+
+
+@attrs.frozen
+class StopPowerStream:
+    """End the board's live power stream."""
+
+
+@attrs.frozen
+class MqttSubscribed:
+    """The broker answered a SUBSCRIBE (SUBACK): whether every filter was granted."""
+
+    generation: int
+    granted: bool

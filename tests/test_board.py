@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from estate.board import Board, Effect, SendCommand, StateChanged, Store
+from estate.board import ActivityChanged, Board, Effect, SendCommand, StateChanged, Store
 from estate.device_wire import BoardReading, Instruction
 from estate.messages import DeviceRecord
 from estate.types import DeviceId, DevicePk
@@ -76,7 +76,8 @@ def test_hello_answers_persist_with_balance_and_goes_online() -> None:
     effects = board.hello(0.0)
     assert SendCommand(Instruction.PERSIST, BALANCE, "handshake") in effects
     assert StateChanged("online", None) in effects
-    assert len(effects) == 2
+    assert ActivityChanged(True) in effects
+    assert len(effects) == 3
     assert board.connected
     assert board.online
 
@@ -158,7 +159,7 @@ def test_silence_marks_the_board_offline_and_stops_keepalives() -> None:
     feed(board, 0.0, reading())
     ticks = {s: board.tick(float(s)) for s in range(1, 10)}
     assert not any(isinstance(e, StateChanged) for effects in ticks.values() for e in effects)
-    assert board.tick(10.0) == [StateChanged("offline", None)]
+    assert board.tick(10.0) == [StateChanged("offline", None), ActivityChanged(False)]
     assert not board.online
     assert all(board.tick(float(s)) == [] for s in range(11, 40))
 
@@ -174,7 +175,7 @@ def test_readings_keep_the_board_online() -> None:
 
 def test_status_offline_marks_offline_and_disconnects() -> None:
     board = connected_board(0.0)
-    assert board.status(False, 1.0) == [StateChanged("offline", None)]
+    assert board.status(False, 1.0) == [StateChanged("offline", None), ActivityChanged(False)]
     assert not board.connected
     assert all(board.tick(float(s)) == [] for s in range(2, 20))
 

@@ -59,11 +59,21 @@ def test_empty_value_counts_as_unset() -> None:
 def test_protocol_variable_sets_its_setting(
     variable: str, value: str, field: str, expected: object
 ) -> None:
-    assert getattr(load(**{variable: value}), field) == expected
+    # a central needs its key (a cross-check); give one so each variable is tried alone
+    assert getattr(load(**{"CENTRAL_API_KEY": "k", variable: value}), field) == expected
 
 
 def test_backend_url_is_an_alias_of_central_url() -> None:
-    assert load(BACKEND_URL="https://old.example").central_url == "https://old.example"
+    assert load(BACKEND_URL="https://old.example", BACKEND_KEY="k").central_url == (
+        "https://old.example"
+    )
+
+
+def test_a_central_without_its_api_key_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(CENTRAL_URL="https://central.example")
+    assert str(caught.value).startswith("CENTRAL_URL='https://central.example': ")
+    assert "CENTRAL_API_KEY" in str(caught.value)
 
 
 def test_backend_key_is_an_alias_of_central_api_key() -> None:
@@ -71,7 +81,9 @@ def test_backend_key_is_an_alias_of_central_api_key() -> None:
 
 
 def test_protocol_name_wins_over_its_alias() -> None:
-    settings = load(CENTRAL_URL="https://new.example", BACKEND_URL="https://old.example")
+    settings = load(
+        CENTRAL_URL="https://new.example", BACKEND_URL="https://old.example", CENTRAL_API_KEY="k"
+    )
     assert settings.central_url == "https://new.example"
 
 

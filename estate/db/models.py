@@ -20,7 +20,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Base", "CommandRow", "DeviceRow", "ReadingRow", "UtcDateTime"]
+__all__ = ["Base", "CommandRow", "DeviceRow", "ReadingRow", "RelayBatchRow", "UtcDateTime"]
 
 # An integer primary key that is BIGINT on PostgreSQL and the rowid alias on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -90,6 +90,7 @@ class ReadingRow(Base):
     __table_args__ = (
         UniqueConstraint("device_pk", "boot", "seq", "digest", name="uq_readings_message"),
         Index("ix_readings_device_ts", "device_pk", "ts"),
+        Index("ix_readings_relay", "relay_batch", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -106,6 +107,22 @@ class ReadingRow(Base):
     load_on: Mapped[bool | None] = mapped_column(Boolean)
     current_1: Mapped[float | None] = mapped_column(Float)
     voltage_1: Mapped[float | None] = mapped_column(Float)
+    relay_batch: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("relay_batches.batch_id", ondelete="SET NULL")
+    )
+    """The outbox: NULL until the reading is put in a batch for the central."""
+
+
+class RelayBatchRow(Base):
+    """A batch of readings for the central's `/readings`; its id makes a retry idempotent."""
+
+    __tablename__ = "relay_batches"
+    __table_args__ = (Index("ix_relay_batches_sent", "sent_at"),)
+
+    batch_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    size: Mapped[int] = mapped_column(Integer)
 
 
 class CommandRow(Base):

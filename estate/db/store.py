@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from estate.central_wire import CentralDevice
 from estate.db.models import CommandRow, DeviceRow, ReadingRow
 from estate.messages import DeviceRecord, RecordCommand, RecordDeviceState, StoreReading
 from estate.types import CentralId, DeviceId, DevicePk
@@ -16,6 +17,7 @@ from estate.types import CentralId, DeviceId, DevicePk
 __all__ = [
     "CONNECTION_TYPES",
     "DeviceExists",
+    "apply_central_devices",
     "load_devices",
     "register_device",
     "write_batch",
@@ -196,3 +198,61 @@ def write_batch(
             ],
         )
     return inserted
+
+
+def apply_central_devices(conn: Connection, devices: Sequence[CentralDevice]) -> int:
+    """Make the local devices match the central's list; return how many were removed.
+
+    Devices in the list are inserted or updated (a removed one comes back offline);
+    every other device is marked `removed`: the central is the source of truth once
+    configured. Removed devices keep their readings.
+    """
+    table = DeviceRow.__table__
+    now = _now()
+    listed = {d.device_id for d in devices}
+    central_ids = {d.id for d in devices}
+    existing = {
+        row.device_id: row
+        for row in conn.execute(select(table.c.device_id, table.c.central_id, table.c.status))
+    }
+    # a central id that moved to another board: free it before reassigning
+    conn.execute(
+        update(DeviceRow)
+        .where(DeviceRow.central_id.in_(central_ids), DeviceRow.device_id.not_in(listed))
+        .values(central_id=None)
+    )
+    for device in devices:
+        values = {
+            "central_id": device.id,
+            "connection_type": device.connection_type,
+            "account_address": device.account_address,
+            "updated_at": now,
+        }
+        row = existing.get(device.device_id)
+        if row is None:
+            conn.execute(
+                insert(DeviceRow).values(
+                    device_id=device.device_id,
+                    status="offline",
+                    balance=0,
+                    energy_total_wh=0.0,
+                    created_at=now,
+                    **values,
+                )
+            )
+            continue
+        if row.status == "removed":
+            values["status"] = "offline"
+        if row.central_id != device.id:
+            conn.execute(
+                update(DeviceRow).where(DeviceRow.central_id == device.id).values(central_id=None)
+            )
+        conn.execute(
+            update(DeviceRow).where(DeviceRow.device_id == device.device_id).values(**values)
+        )
+    removed = conn.execute(
+        update(DeviceRow)
+        .where(DeviceRow.device_id.not_in(listed), DeviceRow.status != "removed")
+        .values(status="removed", central_id=None, updated_at=now)
+    )
+    return removed.rowcount

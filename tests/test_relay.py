@@ -1,0 +1,123 @@
+"""Relay of stored readings to the (fake) central through the durable outbox."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from helpers import core_ref, register, wait_for
+
+from actors.gateway import Gateway
+from actors.simulated_board import SimulatedBoard
+from estate.fake_central import FakeCentral
+from estate.messages import GetBoardState, GetStats, PauseReadings
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "hub-key-for-tests"
+BOARDS = ("H001", "H002")
+
+
+@pytest.fixture
+def central(hub: str) -> Iterator[FakeCentral]:
+    fake = FakeCentral(api_key=API_KEY, hub=hub).start()
+    fake.set_devices(
+        [
+            {"id": n, "device_id": d, "connection_type": "Consumer", "account_address": "0x1"}
+            for n, d in enumerate(BOARDS, start=1)
+        ]
+    )
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def gateway_factory(
+    db_url: str, mosquitto_url: str, make_settings: Callable[..., Any], engine_for: Any
+) -> Iterator[Callable[[str], Gateway]]:
+    register(engine_for(db_url), *BOARDS)
+    started: list[Gateway] = []
+
+    def start(central_url: str) -> Gateway:
+        settings = make_settings(
+            DATABASE_URL=db_url,
+            MQTT_URL=mosquitto_url,
+            CENTRAL_URL=central_url,
+            CENTRAL_API_KEY=API_KEY,
+            RELAY_BATCH_MAX="50",
+            RELAY_BATCH_AGE="0.5",
+        )
+        started.append(Gateway(settings).start())
+        return started[-1]
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+def relayed_keys(central: FakeCentral) -> list[tuple[str, str]]:
+    return [(r["device_id"], r["ts"]) for r in central.readings]
+
+
+def stream_then_pause(boards: list[Any], readings: int) -> dict[str, int]:
+    wait_for(
+        lambda: all(len(b.ask(GetBoardState())["accepted"]) >= readings for b in boards),
+        30,
+        f"{readings} readings from each board",
+    )
+    for board in boards:
+        board.tell(PauseReadings(True))
+    return {b.ask(GetBoardState())["device_id"]: b.ask(GetBoardState())["seq"] for b in boards}
+
+
+def test_every_reading_reaches_the_central_once_despite_an_outage(
+    central: FakeCentral, gateway_factory: Callable[[str], Gateway], mosquitto_url: str, hub: str
+) -> None:
+    gateway = gateway_factory(central.url)
+    boards = [SimulatedBoard.start(mosquitto_url, hub, d, interval=0.05) for d in BOARDS]
+    wait_for(lambda: len(central.readings) >= 20, 20, "the first relayed readings")
+    central.fail_with(500)
+    wait_for(
+        lambda: core_ref(gateway, "central").ask(GetStats()).get("relay_failures", 0) >= 1,
+        15,
+        "a failed relay",
+    )
+    central.down()
+    sent = stream_then_pause(boards, 150)
+    central.fail_with(None)
+    central.up()
+    total = sum(sent.values())
+    wait_for(lambda: len(central.readings) >= total, 60, f"{total} relayed readings")
+    keys = relayed_keys(central)
+    assert len(keys) == len(set(keys)) == total, "a reading relayed twice or lost"
+    for device_id in BOARDS:  # order kept per device
+        times = [r["ts"] for r in central.readings if r["device_id"] == device_id]
+        assert times == sorted(times)
+    for board in boards:
+        board.stop()
+
+
+def test_a_central_without_readings_endpoint_keeps_them_for_later(
+    central: FakeCentral,
+    gateway_factory: Callable[[str], Gateway],
+    mosquitto_url: str,
+    hub: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    central.set_readings_endpoint(False)
+    gateway = gateway_factory(central.url)
+    boards = [SimulatedBoard.start(mosquitto_url, hub, d, interval=0.1) for d in BOARDS]
+    sent = stream_then_pause(boards, 20)
+    wait_for(lambda: "no /readings endpoint" in caplog.text, 15, "the warning")
+    assert caplog.text.count("no /readings endpoint") == 1
+    assert central.readings == []
+    gateway.stop()
+
+    central.set_readings_endpoint(True)  # the central is upgraded; the gateway restarts
+    gateway_factory(central.url)
+    total = sum(sent.values())
+    wait_for(lambda: len(central.readings) >= total, 30, f"{total} relayed readings")
+    assert len(set(relayed_keys(central))) == total
+    for board in boards:
+        board.stop()
