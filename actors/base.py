@@ -77,6 +77,11 @@ class EstateActor(pykka.ThreadingActor):
         try:
             self.setup()
         except Exception as exc:
+            # pykka calls no on_failure for a failed start: release what setup acquired
+            try:
+                self.teardown()
+            except Exception:
+                self.log.exception("%s: tear-down after a failed start failed too", self.name)
             self._report(exc)
             raise
 

@@ -133,9 +133,10 @@ class DbWriter(EstateActor):
     @handles(LoadDevices)
     def _load(self, request: LoadDevices) -> None:
         assert self.engine is not None
+        self.flush()  # a restarted device actor resumes from what is committed
         try:
             with self.engine.connect() as conn:
-                devices = load_devices(conn)
+                devices = load_devices(conn, request.running)
         except SQLAlchemyError as exc:
             self.error_log.warning("load", "cannot load devices: %s", _short(exc))
             return

@@ -18,14 +18,16 @@ from estate.board import (
     BoardTiming,
     Effect,
     PublishPower,
+    Repeat,
     SendCommand,
     StateChanged,
     Store,
     StreamChanged,
     StreamRefused,
 )
-from estate.device_wire import Instruction, TopicKind, Topics, format_command
+from estate.device_wire import TopicKind, Topics, format_command
 from estate.messages import (
+    AckMessages,
     AckToken,
     BoardSaidHello,
     BoardSentReading,
@@ -85,12 +87,6 @@ class DeviceActor(EstateActor):
         self.peers = dict(peers.peers)
         self.clock = clock
 
-    def on_stop(self) -> None:
-        """An orderly stop (shutdown, device removed): tell a connected board to go idle."""
-        if self.board.connected:
-            self._apply(self.board.instruct(Instruction.DISCONNECT, "stopping", self.clock()))
-        super().on_stop()
-
     @handles(BoardSaidHello)
     def _hello(self, _message: BoardSaidHello) -> None:
         self._apply(self.board.hello(self.clock()))
@@ -143,6 +139,8 @@ class DeviceActor(EstateActor):
             elif isinstance(effect, StateChanged):
                 self.log.info("%s is %s", self.board.record.device_id, effect.status)
                 self._tell("db", RecordDeviceState(pk, effect.status, effect.load_on, now))
+            elif isinstance(effect, Repeat) and ack is not None:
+                self._tell("mqtt", AckMessages((ack,)))
             elif isinstance(effect, ActivityChanged) and "central" in self.peers:
                 self._tell(
                     "central", DeviceActivityChanged(self.board.record.device_id, effect.active)

@@ -72,7 +72,7 @@ class Gateway:
     def broker_url(self) -> str:
         return self.broker.url if self.broker else (self.settings.mqtt_url or "")
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         if self.supervisor is not None:
             try:
                 self.supervisor.stop(block=True, timeout=timeout)

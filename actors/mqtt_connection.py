@@ -40,9 +40,6 @@ from estate.types import DeviceId
 
 __all__ = ["MqttConnection"]
 
-MAX_UNROUTED = 10_000
-"""Readings held for a board whose actor is restarting, at most."""
-
 REFUSED = "refused: "
 """Prefix of the reason of a CONNACK that refused us (bad credentials, not authorised...)."""
 
@@ -102,9 +99,11 @@ class MqttConnection(EstateActor):
         self.endpoint, self.topics = endpoint, topics
         self.broker = mask_url(endpoint.url)  # for logs and stats: never the password
         self.routes: dict[DeviceId, pykka.ActorRef[Any]] | None = None  # None: not yet known
-        self.unrouted: deque[tuple[DeviceId, Any]] = deque(maxlen=MAX_UNROUTED)
+        # Held messages are unacknowledged, so the broker's in-flight window bounds them.
+        # Readings for a device whose actor is restarting:
+        self.unrouted: deque[tuple[DeviceId, Any]] = deque()
         # a resumed session delivers before the devices are loaded: hold, do not reject
-        self.early: deque[MqttMessageReceived] = deque(maxlen=MAX_UNROUTED)
+        self.early: deque[MqttMessageReceived] = deque()
         self.connected = False
         self.generation = -1
         self.counts: Counter[str] = Counter()
@@ -167,9 +166,13 @@ class MqttConnection(EstateActor):
     @handles(Reconnect)
     def _reconnect(self, _message: Reconnect) -> None:
         """Drop and re-open the connection, so the broker redelivers what is unacknowledged."""
-        if self.client is not None and self.connected:
+        if self.client is not None:
+            # a fresh client: paho's reconnect() would race its network thread, and no
+            # acknowledgement meant for the old connection can reach the new one
             self.log.warning("reconnecting to have unacknowledged messages redelivered")
-            self.client.reconnect()
+            self.connected = False
+            self.teardown()
+            self.setup()
 
     # -- inbound ---------------------------------------------------------------------------
 
@@ -220,10 +223,10 @@ class MqttConnection(EstateActor):
         self.routes = dict(message.routes)
         if first:
             self._subscribe()
-            early, self.early = list(self.early), deque(maxlen=MAX_UNROUTED)
+            early, self.early = list(self.early), deque()
             for received in early:
                 self._received(received)
-        held, self.unrouted = list(self.unrouted), deque(maxlen=MAX_UNROUTED)
+        held, self.unrouted = list(self.unrouted), deque()
         for device_id, event in held:
             if device_id in self.routes:
                 self._route(device_id, event)

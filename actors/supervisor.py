@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +19,10 @@ from actors.health import HealthServer
 from actors.mqtt_connection import MqttConnection
 from estate.board import BoardTiming
 from estate.config import Settings
-from estate.device_wire import Topics
+from estate.device_wire import Instruction, Topics
 from estate.messages import (
     ActorFailed,
     ActorInfo,
-    DeviceRecord,
     DevicesLoaded,
     GetActors,
     GetStats,
@@ -33,6 +33,7 @@ from estate.messages import (
     ReloadDevices,
     RestartActor,
     RoutesChanged,
+    SendInstruction,
     Tick,
 )
 from estate.mqtt_client import BrokerEndpoint
@@ -95,7 +96,6 @@ class Supervisor(EstateActor):
         self.clock = clock
         self.core: dict[str, pykka.ActorRef[Any]] = {}
         self.devices: dict[DeviceId, pykka.ActorRef[Any]] = {}
-        self.records: dict[DeviceId, DeviceRecord] = {}
         self.tickers: list[Ticker] = []
         self.timers: list[threading.Timer] = []
         self.stopping = False
@@ -130,7 +130,7 @@ class Supervisor(EstateActor):
             if role in self.core:
                 _join(self.core[role])
         for ref in self.devices.values():
-            ref.stop(block=False)
+            _retire(ref, "shutdown")
         for ref in self.devices.values():
             _join(ref)
         if "db" in self.core:
@@ -174,7 +174,7 @@ class Supervisor(EstateActor):
 
     @handles(ReloadDevices)
     def _reload(self, _message: ReloadDevices) -> None:
-        tell_if_alive(self.core["db"], LoadDevices(self.actor_ref))
+        tell_if_alive(self.core["db"], LoadDevices(self.actor_ref, frozenset(self.devices)))
 
     @handles(DevicesLoaded)
     def _loaded(self, message: DevicesLoaded) -> None:
@@ -185,15 +185,13 @@ class Supervisor(EstateActor):
         changed = not self.routes_sent
         for device_id in [d for d in self.devices if d not in wanted]:
             self.log.info("device %s is gone; stopping its actor", device_id)
-            self.devices.pop(device_id).stop(block=False)
-            self.records.pop(device_id, None)
+            _retire(self.devices.pop(device_id), "removed")
             changed = True
         for device_id, record in wanted.items():
             if device_id not in self.devices:
                 self.devices[device_id] = DeviceActor.start(
                     record, self.topics, self._peers(), self.timing, supervisor=self.actor_ref
                 )
-                self.records[device_id] = record
                 changed = True
         if changed:
             self.log.info("%d devices known", len(self.devices))
@@ -228,7 +226,6 @@ class Supervisor(EstateActor):
         if failure.name.startswith("device:"):
             device_id = DeviceId(failure.name.removeprefix("device:"))
             self.devices.pop(device_id, None)
-            self.records.pop(device_id, None)
         timer = threading.Timer(delay, tell_if_alive, (self.actor_ref, RestartActor(failure.name)))
         timer.daemon = True
         timer.start()
@@ -239,7 +236,8 @@ class Supervisor(EstateActor):
         if self.stopping:
             return
         if message.name.startswith("device:"):
-            tell_if_alive(self.core["db"], LoadDevices(self.actor_ref))  # resumes from the database
+            # the new actor resumes from the database
+            tell_if_alive(self.core["db"], LoadDevices(self.actor_ref, frozenset(self.devices)))
             # readings that died in its mailbox are unacknowledged: have the broker send them again
             tell_if_alive(self.core["mqtt"], Reconnect())
             return
@@ -248,7 +246,13 @@ class Supervisor(EstateActor):
         if message.name == "mqtt":
             tell_if_alive(self.core["mqtt"], RoutesChanged(self.devices))
         elif message.name == "db":
-            # readings the dead writer held are unacknowledged: have the broker send them again
+            # The readings the dead writer held are unacknowledged and come again after a
+            # reconnect; the device actors counted their energy already, so they restart
+            # too and resume from what the database committed.
+            for ref in self.devices.values():
+                _join(ref)
+            self.devices.clear()
+            tell_if_alive(self.core["db"], LoadDevices(self.actor_ref))
             tell_if_alive(self.core["mqtt"], Reconnect())
         self.log.info("%s restarted", message.name)
 
@@ -276,9 +280,12 @@ class Supervisor(EstateActor):
             },
         }
 
-    def device_refs(self) -> dict[DeviceId, pykka.ActorRef[Any]]:
-        """The registry (for callers that ask through a proxy)."""
-        return dict(self.devices)
+
+def _retire(ref: pykka.ActorRef[Any], reason: str) -> None:
+    """Tell the board to go idle (instruction 0), then stop its actor."""
+    tell_if_alive(ref, SendInstruction(Instruction.DISCONNECT, reason))
+    with contextlib.suppress(pykka.ActorDeadError):
+        ref.stop(block=False)
 
 
 def _join(ref: pykka.ActorRef[Any], stop: bool = True, timeout: float = 10.0) -> None:

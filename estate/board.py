@@ -21,12 +21,16 @@ __all__ = [
     "BoardTiming",
     "Effect",
     "PublishPower",
+    "Repeat",
     "SendCommand",
     "StateChanged",
     "Store",
     "StreamChanged",
     "StreamRefused",
 ]
+
+RECENT_MESSAGES = 256
+"""How many recent `(seq, digest)` pairs a board remembers to recognise repeats."""
 
 UPDATE_ANSWER_INTERVAL = 2.0
 """Seconds between two answers to a board whose `update` flag stays set."""
@@ -59,6 +63,11 @@ class Store:
 class StateChanged:
     status: str
     load_on: bool | None
+
+
+@attrs.frozen
+class Repeat:
+    """A message already handled (same `seq` and payload): acknowledge it, store nothing."""
 
 
 @attrs.frozen
@@ -99,6 +108,7 @@ Effect = (
     | PublishPower
     | StreamChanged
     | StreamRefused
+    | Repeat
 )
 
 DEFAULT_TIMING = BoardTiming()
@@ -128,12 +138,15 @@ class Board:
     streaming: bool = False
     last_power_sent: float | None = None
     _energy: EnergyIntegrator = attrs.field(init=False)
+    _recent: dict[tuple[int, str], None] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         record = self.record
         self.balance, self.load_on = record.balance, record.load_on
         self.boot, self.last_seq = record.boot, record.last_seq
         self.energy_total_wh = record.energy_total_wh
+        # a board the database says is online must be heard from, or it goes offline
+        self.online = record.status == "online"
         self._energy = EnergyIntegrator(self.timing.integration_max_gap)
         if record.last_reading_at is not None:
             self._energy.add(record.last_reading_at, record.last_power)
@@ -152,7 +165,10 @@ class Board:
     ) -> list[Effect]:
         """A telemetry message: store it, integrate its energy, answer its `update` flag."""
         effects = self._heard(now) + self._connect()
-        redelivered = self._track_boot(reading.seq, dup)
+        if reading.seq is not None and (reading.seq, digest) in self._recent:
+            self.duplicates += 1
+            return [*effects, Repeat()]
+        redelivered = self._track_boot(reading.seq, digest, dup)
         at = reading.ts or received_at
         energy = 0.0 if redelivered else self._energy.add(at, reading.power)
         if redelivered:
@@ -161,7 +177,7 @@ class Board:
             self.readings += 1
             self.energy_total_wh += energy
             self.last_reading, self.last_reading_at = reading, at
-        if reading.req is not None and reading.req != self.load_on and not redelivered:
+        if reading.req is not None and not redelivered:
             self.load_on = reading.req
         effects.append(
             Store(
@@ -195,6 +211,8 @@ class Board:
 
     def tick(self, now: float) -> list[Effect]:
         """Mark a silent board offline; keep a connected board alive; stream its power."""
+        if self.online and self.last_heard is None:
+            self.last_heard = now  # online in the database: the silence counts from now
         heard = self.last_heard
         if self.online and heard is not None and now - heard >= self.timing.offline_after:
             return self._went_offline()
@@ -230,13 +248,15 @@ class Board:
         return [StreamChanged(False, reason)]
 
     def instruct(self, instruction: Instruction, reason: str, now: float) -> list[Effect]:
-        """A command asked for from outside (the central, the REPL)."""
-        return [self._command(instruction, reason, now)]
+        """A command asked for from outside (the central, the REPL, the shutdown).
 
-    def balance_changed(self, balance: int, now: float) -> list[Effect]:
-        """A new on-chain balance: tell the board with instruction 3."""
-        self.balance = balance
-        return [self._command(Instruction.BALANCE_UPDATED, "balance", now)]
+        After instruction 0 the board is idle: no keep-alive until it says hello again.
+        """
+        command = self._command(instruction, reason, now)
+        if instruction is Instruction.DISCONNECT and self.connected:
+            self.connected = False
+            return [command, ActivityChanged(False)]
+        return [command]
 
     def snapshot(self) -> dict[str, object]:
         """The state as plain values, for the REPL and tests."""
@@ -285,14 +305,26 @@ class Board:
         self.online = False
         return [StateChanged("offline", self.load_on), *effects]
 
-    def _track_boot(self, seq: int | None, dup: bool) -> bool:
-        """Follow the board's `seq`; True when this looks like a redelivered message.
+    def _track_boot(self, seq: int | None, digest: str, dup: bool) -> bool:
+        """Follow the board's `seq`; True when this message may be stored already.
 
-        A `seq` that does not grow is a redelivery when the broker flags it `dup`, and
-        otherwise a reboot of the board, which starts a new boot.
+        (A `(seq, digest)` among the last RECENT_MESSAGES never gets here: it is a
+        repeat, the board's or the broker's retransmission, flagged `dup` or not.) A
+        `seq` that does not grow is a redelivery when the broker flags it `dup` (after
+        a gateway restart), and a reboot of the board (a new boot) when it does not.
         """
         if seq is None:
             return False
+        if self.last_seq is not None and seq <= self.last_seq:
+            if dup:
+                return True
+            self.boot += 1
+            self._energy.reset()
+        self.last_seq = seq
+        self._recent[(seq, digest)] = None
+        if len(self._recent) > RECENT_MESSAGES:
+            del self._recent[next(iter(self._recent))]
+        return False
         if self.last_seq is not None and seq <= self.last_seq:
             if dup:
                 return True

@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,12 +113,21 @@ def _db(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _devices(settings: Settings, args: argparse.Namespace) -> int:
-    from estate.config import _felt
     from estate.db.engine import make_engine, upgrade
+
+    if settings.db_auto_migrate:
+        upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        return _device_command(engine, args)
+    finally:
+        engine.dispose()
+
+
+def _device_command(engine: Any, args: argparse.Namespace) -> int:
+    from estate.config import _felt
     from estate.db.store import DeviceExists, load_devices, register_device
 
-    upgrade(settings.database_url)
-    engine = make_engine(settings.database_url)
     if args.devices_command == "add":
         try:
             account = _felt(args.account) if args.account else None
@@ -164,11 +172,12 @@ def _wait_for_signal() -> None:
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     from actors.gateway import Gateway
 
+    ids = _register_simulated(settings, args.simulate) if args.simulate else []
     gateway = Gateway(settings).start()
     boards: list[Any] = []
     try:
-        if args.simulate:
-            boards = _start_simulation(settings, gateway.broker_url, args.simulate, args.interval)
+        if ids:
+            boards = _start_boards(settings, gateway.broker_url, ids, args.interval)
         _wait_for_signal()
     finally:
         logger.info("stopping")
@@ -178,21 +187,31 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_simulation(
-    settings: Settings, broker_url: str, count: int, interval: float, prefix: str = "SIM"
-) -> list[Any]:
-    from actors.simulated_board import SimulatedBoard
-    from estate.db.engine import make_engine
+def _register_simulated(settings: Settings, count: int, prefix: str = "SIM") -> list[str]:
+    """Register simulated boards PREFIX001.. (before the gateway starts, so it knows them)."""
+    from estate.db.engine import make_engine, upgrade
     from estate.db.store import DeviceExists, register_device
 
+    if settings.db_auto_migrate:
+        upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     ids = [f"{prefix}{n:03d}" for n in range(1, count + 1)]
-    with engine.begin() as conn:
-        for device_id in ids:
-            with contextlib.suppress(DeviceExists):
-                register_device(conn, device_id, "Consumer")
-    engine.dispose()
-    print(f"simulating {count} boards ({ids[0]}..{ids[-1]}) on {broker_url}", flush=True)
+    try:
+        with engine.begin() as conn:
+            for device_id in ids:
+                with contextlib.suppress(DeviceExists):
+                    register_device(conn, device_id, "Consumer")
+    finally:
+        engine.dispose()
+    return ids
+
+
+def _start_boards(
+    settings: Settings, broker_url: str, ids: list[str], interval: float
+) -> list[Any]:
+    from actors.simulated_board import SimulatedBoard
+
+    print(f"simulating {len(ids)} boards ({ids[0]}..{ids[-1]}) on {broker_url}", flush=True)
     return [
         SimulatedBoard.start(broker_url, settings.hub_name, device_id, interval=interval)
         for device_id in ids
@@ -205,20 +224,15 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
         print("estate: simulate needs --broker or MQTT_URL", file=sys.stderr)
         return 2
     if args.register:
-        boards = _start_simulation(settings, broker, args.count, args.interval, args.prefix)
+        ids = _register_simulated(settings, args.count, args.prefix)
     else:
-        from actors.simulated_board import SimulatedBoard
-
-        boards = [
-            SimulatedBoard.start(broker, settings.hub_name, f"{args.prefix}{n:03d}", args.interval)
-            for n in range(1, args.count + 1)
-        ]
+        ids = [f"{args.prefix}{n:03d}" for n in range(1, args.count + 1)]
+    boards = _start_boards(settings, broker, ids, args.interval)
     try:
         _wait_for_signal()
     finally:
         for board in boards:
             board.stop()
-    time.sleep(0)
     return 0
 
 

@@ -145,18 +145,18 @@ def _setting(
     )
 
 
+_USERINFO_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
 def mask_url(url: str | None) -> str | None:
-    """`url` with any password replaced by `***`, for logs and reprs."""
+    """`url` with any password replaced by `***`, for logs and reprs.
+
+    Works on the raw text, up to the last `@`: a password holding `/`, `?` or `#`
+    (which SQLAlchemy accepts unencoded) is hidden too.
+    """
     if not url or "@" not in url:
         return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # unparsable: hide everything that may be credentials
-        return re.sub(r"://.*@", "://***@", url, count=1)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return _USERINFO_PASSWORD.sub(r"\1***@", url, count=1)
 
 
 def mask_url_repr(value: Any) -> str:
@@ -368,29 +368,36 @@ def load_settings(
 ) -> Settings:
     """Read `environ` (default `os.environ`) over the optional `.env` file.
 
-    Raises ConfigError naming every wrong variable, its value and what is expected.
+    The environment wins over the file, for a setting's name and its aliases alike; an
+    empty value counts as unset. Raises ConfigError naming every wrong variable, its
+    value and what is expected.
     """
-    env: dict[str, str] = {}
+    process = os.environ if environ is None else environ
+    layers: list[Mapping[str, str]] = [{k: v for k, v in process.items() if v.strip()}]
     if env_file is not None and Path(env_file).is_file():
-        env.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-    env.update(os.environ if environ is None else environ)
+        layers.append({k: v for k, v in dotenv_values(env_file).items() if v and v.strip()})
 
     raw: dict[str, str] = {}
     source: dict[str, str] = {}
     for field in attrs.fields(Settings):
-        for name in (field.metadata["env"], *field.metadata["aliases"]):
-            if env.get(name, "").strip():
-                raw[field.name] = env[name]
-                source[field.name] = name
-                break
-    if "uplink_mqtt_url" not in raw and (legacy := _legacy_uplink(env)):
+        names = (field.metadata["env"], *field.metadata["aliases"])
+        found = next(((n, layer[n]) for layer in layers for n in names if n in layer), None)
+        if found is not None:
+            source[field.name], raw[field.name] = found
+    merged = {k: v for layer in reversed(layers) for k, v in layer.items()}
+    if "uplink_mqtt_url" not in raw and (legacy := _legacy_uplink(merged)):
         raw["uplink_mqtt_url"] = legacy
         source["uplink_mqtt_url"] = "MQTT_BROKER/MQTT_PORT/MQTT_USERNAME/MQTT_PASSWORD"
     if raw.get("starknet_private_key_file") and "starknet_private_key" not in raw:
         key_path = Path(raw["starknet_private_key_file"].strip())
-        if key_path.is_file():
-            raw["starknet_private_key"] = key_path.read_text().strip()
-            source["starknet_private_key"] = "STARKNET_PRIVATE_KEY_FILE"
+        try:
+            if key_path.is_file():
+                raw["starknet_private_key"] = key_path.read_text().strip()
+                source["starknet_private_key"] = "STARKNET_PRIVATE_KEY_FILE"
+        except OSError as exc:
+            raise ConfigError(
+                [f"STARKNET_PRIVATE_KEY_FILE={str(key_path)!r}: cannot read it ({exc.strerror})"]
+            ) from None
 
     try:
         settings = _converter().structure(raw, Settings)
@@ -404,6 +411,17 @@ def load_settings(
 def _cross_checks(settings: Settings) -> list[str]:
     """Rules that involve several variables."""
     problems = []
+    if settings.starknet_rpc_url is not None:
+        needed = {
+            "STARKNET_ACCOUNT_ADDRESS": settings.starknet_account_address,
+            "STARKNET_PRIVATE_KEY (or STARKNET_PRIVATE_KEY_FILE)": settings.starknet_private_key,
+            "SCT_CONTRACT_ADDRESS": settings.sct_contract_address,
+        }
+        problems.extend(
+            f"STARKNET_RPC_URL={settings.starknet_rpc_url!r}: token accounting also needs {name}"
+            for name, value in needed.items()
+            if not value
+        )
     if settings.central_url is not None and not settings.central_api_key:
         problems.append(
             f"CENTRAL_URL={settings.central_url!r}: the central needs CENTRAL_API_KEY "

@@ -207,9 +207,13 @@ class FlushDue:
 
 @attrs.frozen
 class LoadDevices:
-    """Ask the DbWriter to tell `reply_to` the known devices as DevicesLoaded."""
+    """Ask the DbWriter to tell `reply_to` the known devices as DevicesLoaded.
+
+    Devices in `running` have an actor already: their resume state is not looked up.
+    """
 
     reply_to: Any
+    running: frozenset[str] = frozenset()
 
 
 @attrs.frozen

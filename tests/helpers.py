@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, select
 from estate.db.models import CommandRow, DeviceRow, ReadingRow
 from estate.db.store import register_device
 from estate.device_wire import TopicKind, Topics
-from estate.messages import GetStats
+from estate.messages import GetActors, GetStats
 from estate.mqtt_client import BrokerEndpoint
 
 T = TypeVar("T")
@@ -140,8 +140,13 @@ def supervisor_stats(gateway: Any) -> dict[str, Any]:
     return gateway.supervisor.ask(GetStats(), timeout=10)
 
 
+def actor_refs(gateway: Any) -> dict[str, Any]:
+    """Every actor the gateway's supervisor runs, by name (`db`, `device:H001`, ...)."""
+    return {info.name: info.ref for info in gateway.supervisor.ask(GetActors(), timeout=10)}
+
+
 def core_ref(gateway: Any, role: str) -> Any:
-    return gateway.supervisor.proxy().core.get(timeout=10)[role]
+    return actor_refs(gateway)[role]
 
 
 def mqtt_stats(gateway: Any) -> dict[str, Any]:
@@ -149,4 +154,4 @@ def mqtt_stats(gateway: Any) -> dict[str, Any]:
 
 
 def device_ref(gateway: Any, device_id: str) -> Any:
-    return gateway.supervisor.proxy().device_refs().get(timeout=10).get(device_id)
+    return actor_refs(gateway).get(f"device:{device_id}")

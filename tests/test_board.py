@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from estate.board import ActivityChanged, Board, Effect, SendCommand, StateChanged, Store
+from estate.board import ActivityChanged, Board, Effect, Repeat, SendCommand, StateChanged, Store
 from estate.device_wire import BoardReading, Instruction
 from estate.messages import DeviceRecord
 from estate.types import DeviceId, DevicePk
@@ -223,17 +223,6 @@ def test_no_answer_without_update_flag() -> None:
     assert commands(feed(board, 1.0, reading(update=False))) == []
 
 
-def test_balance_changed_is_sent_with_the_new_balance() -> None:
-    board = connected_board()
-    assert board.balance_changed(40, 1.0) == [
-        SendCommand(Instruction.BALANCE_UPDATED, 40, "balance")
-    ]
-    assert commands(board.hello(2.0)) == [SendCommand(Instruction.PERSIST, 40, "handshake")]
-
-
-# -- seq de-duplication --------------------------------------------------------------------
-
-
 def test_redelivered_seq_with_dup_flag_is_a_duplicate() -> None:
     board = connected_board()
     for second in (1, 2, 3):
@@ -344,3 +333,48 @@ def test_resume_keeps_balance_and_load_state() -> None:
     assert board.balance == BALANCE
     assert board.load_on is True
     assert StateChanged("online", True) in board.hello(0.0)
+
+
+# -- repeats, reboots and restarts -----------------------------------------------------------
+
+
+def send(board: Board, seq: int, digest: str, now: float, dup: bool = False) -> Store:
+    effects = board.reading(reading(seq=seq), digest, dup=dup, received_at=wall(now), now=now)
+    return only_store(effects)
+
+
+def test_a_retransmission_without_the_dup_flag_is_a_repeat_not_a_reboot() -> None:
+    board = connected_board()
+    send(board, 1, "a", 1.0)
+    send(board, 2, "b", 2.0)
+    effects = board.reading(reading(seq=1), "a", dup=False, received_at=wall(3.0), now=3.0)
+    assert effects == [Repeat()]  # the board resent seq 1 after a lost PUBACK: not stored
+    assert (board.boot, board.duplicates) == (0, 1)
+    assert send(board, 3, "c", 4.0).reading.boot == 0
+
+
+def test_an_old_boot_redelivered_after_a_reboot_is_a_repeat() -> None:
+    board = connected_board()
+    for seq in range(1, 6):
+        send(board, seq, f"old{seq}", float(seq))
+    assert send(board, 1, "new1", 6.0).reading.boot == 1  # the board rebooted
+    send(board, 2, "new2", 7.0)
+    late = board.reading(reading(seq=5), "old5", dup=True, received_at=wall(8.0), now=8.0)
+    assert late == [Repeat()]  # a late redelivery from before the reboot: not stored again
+    assert board.boot == 1
+    assert send(board, 3, "new3", 9.0).reading.boot == 1  # not mistaken for a reboot
+
+
+def test_a_board_online_in_the_database_goes_offline_if_never_heard() -> None:
+    board = Board(record(status="online"))
+    assert board.tick(100.0) == []
+    assert board.tick(109.0) == []
+    assert StateChanged("offline", None) in board.tick(110.0)
+
+
+def test_instruction_0_makes_the_board_idle_without_keepalives() -> None:
+    board = connected_board()
+    effects = board.instruct(Instruction.DISCONNECT, "repl", 1.0)
+    assert commands(effects) == [SendCommand(Instruction.DISCONNECT, BALANCE, "repl")]
+    assert ActivityChanged(False) in effects
+    assert all(board.tick(1.0 + t) == [] for t in range(1, 9))

@@ -59,14 +59,37 @@ def test_empty_value_counts_as_unset() -> None:
 def test_protocol_variable_sets_its_setting(
     variable: str, value: str, field: str, expected: object
 ) -> None:
-    # a central needs its key (a cross-check); give one so each variable is tried alone
-    assert getattr(load(**{"CENTRAL_API_KEY": "k", variable: value}), field) == expected
+    # the central and the chain need companions (cross-checks): give them, so that each
+    # variable is tried alone
+    companions = {
+        "CENTRAL_API_KEY": "k",
+        "STARKNET_ACCOUNT_ADDRESS": "0x1",
+        "STARKNET_PRIVATE_KEY": "0x2",
+        "SCT_CONTRACT_ADDRESS": "0x3",
+    }
+    assert getattr(load(**{**companions, variable: value}), field) == expected
 
 
 def test_backend_url_is_an_alias_of_central_url() -> None:
     assert load(BACKEND_URL="https://old.example", BACKEND_KEY="k").central_url == (
         "https://old.example"
     )
+
+
+def test_token_accounting_without_its_account_key_and_contract_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(STARKNET_RPC_URL="https://rpc.example")
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith("STARKNET_RPC_URL='https://rpc.example': ") for line in lines)
+
+
+def test_the_environment_wins_over_the_env_file_for_aliases_too(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("CENTRAL_URL=https://file.example\nCENTRAL_API_KEY=k\nMQTT_URL=mqtt://f\n")
+    settings = load_settings({"BACKEND_URL": "https://env.example", "MQTT_URL": ""}, env_file)
+    assert settings.central_url == "https://env.example"
+    assert settings.mqtt_url == "mqtt://f"  # an empty variable counts as unset
 
 
 def test_a_central_without_its_api_key_is_refused() -> None:

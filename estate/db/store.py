@@ -6,7 +6,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, and_, bindparam, case, func, insert, or_, select, update
+import attrs
+from sqlalchemy import Connection, bindparam, case, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from estate.central_wire import CentralDevice
@@ -34,50 +35,22 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def load_devices(conn: Connection) -> tuple[DeviceRecord, ...]:
-    """Every device not removed, with the boot, seq and last reading its actor resumes from."""
-    latest_boot = (
-        select(ReadingRow.device_pk, func.max(ReadingRow.boot).label("boot"))
-        .group_by(ReadingRow.device_pk)
-        .subquery()
-    )
-    last_seq = dict(
-        conn.execute(
-            select(ReadingRow.device_pk, func.max(ReadingRow.seq))
-            .join(
-                latest_boot,
-                and_(
-                    latest_boot.c.device_pk == ReadingRow.device_pk,
-                    latest_boot.c.boot == ReadingRow.boot,
-                ),
-            )
-            .group_by(ReadingRow.device_pk)
-        ).all()
-    )
-    boots = dict(conn.execute(select(latest_boot.c.device_pk, latest_boot.c.boot)).all())
-    latest_ts = (
-        select(ReadingRow.device_pk, func.max(ReadingRow.ts).label("ts"))
-        .group_by(ReadingRow.device_pk)
-        .subquery()
-    )
-    last_reading = {
-        pk: (ts, power)
-        for pk, ts, power in conn.execute(
-            select(ReadingRow.device_pk, ReadingRow.ts, ReadingRow.power).join(
-                latest_ts,
-                and_(
-                    latest_ts.c.device_pk == ReadingRow.device_pk,
-                    latest_ts.c.ts == ReadingRow.ts,
-                ),
-            )
-        )
-    }
+def load_devices(
+    conn: Connection, resume_known: frozenset[str] = frozenset()
+) -> tuple[DeviceRecord, ...]:
+    """Every device not removed, with the boot, seq and last reading its actor resumes from.
+
+    The resume state is looked up (two indexed queries a device) only for devices not in
+    `resume_known`, the ones whose actor runs already, so that a periodic reload reads
+    the devices table alone.
+    """
     devices = DeviceRow.__table__
     rows = conn.execute(
         select(devices).where(devices.c.status != "removed").order_by(devices.c.device_id)
     )
-    return tuple(
-        DeviceRecord(
+    records = []
+    for row in rows:
+        record = DeviceRecord(
             pk=DevicePk(row.id),
             device_id=DeviceId(row.device_id),
             connection_type=row.connection_type,
@@ -87,12 +60,31 @@ def load_devices(conn: Connection) -> tuple[DeviceRecord, ...]:
             load_on=row.load_on,
             balance=row.balance,
             energy_total_wh=row.energy_total_wh,
-            boot=boots.get(row.id, 0),
-            last_seq=last_seq.get(row.id),
-            last_reading_at=last_reading.get(row.id, (None, 0.0))[0],
-            last_power=last_reading.get(row.id, (None, 0.0))[1],
         )
-        for row in rows
+        if row.device_id not in resume_known:
+            record = _with_resume_state(conn, record)
+        records.append(record)
+    return tuple(records)
+
+
+def _with_resume_state(conn: Connection, record: DeviceRecord) -> DeviceRecord:
+    """`record` with its latest boot and seq, and its last reading's time and power."""
+    mine = ReadingRow.device_pk == record.pk
+    latest = conn.execute(
+        select(ReadingRow.boot, ReadingRow.seq)
+        .where(mine, ReadingRow.seq.is_not(None))
+        .order_by(ReadingRow.boot.desc(), ReadingRow.seq.desc())
+        .limit(1)
+    ).first()
+    last = conn.execute(
+        select(ReadingRow.ts, ReadingRow.power).where(mine).order_by(ReadingRow.ts.desc()).limit(1)
+    ).first()
+    return attrs.evolve(
+        record,
+        boot=latest.boot if latest else 0,
+        last_seq=latest.seq if latest else None,
+        last_reading_at=last.ts if last else None,
+        last_power=last.power if last else 0.0,
     )
 
 
@@ -149,6 +141,13 @@ def write_batch(
     readings add to their device's energy total and last-seen time.
     """
     inserted = 0
+    # states first: a reading in this flush carries a newer load state than a state event
+    for state in states:
+        conn.execute(
+            update(DeviceRow)
+            .where(DeviceRow.id == state.device_pk)
+            .values(status=state.status, load_on=state.load_on, updated_at=state.at)
+        )
     if readings:
         statement = _insert_ignoring_duplicates(conn).returning(
             ReadingRow.device_pk, ReadingRow.received_at, ReadingRow.energy_wh, ReadingRow.load_on
@@ -177,12 +176,6 @@ def write_batch(
                     for pk, (at, load) in seen.items()
                 ],
             )
-    for state in states:
-        conn.execute(
-            update(DeviceRow)
-            .where(DeviceRow.id == state.device_pk)
-            .values(status=state.status, load_on=state.load_on, updated_at=state.at)
-        )
     if commands:
         conn.execute(
             insert(CommandRow),
