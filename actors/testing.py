@@ -220,8 +220,9 @@ def attach_uplink(
 
     `uplink_url` defaults to the gateway's UPLINK_MQTT_URL, else its boards' broker.
     Waits for `devices` device actors, wires them (`wire_uplink`) and returns once the
-    uplink's subscription to `{hub}/commands` is granted. Stop it with `.stop()` (the
-    gateway's `stop()` stops it too). Stands in for the Supervisor's own wiring.
+    uplink's subscription to `{hub}/commands` is granted. The caller stops it with
+    `.stop()` (before `gateway.stop()`, which does not). Stands in for the Supervisor's
+    own wiring.
     """
     settings = gateway.settings
     endpoint = uplink_endpoint(settings, gateway.broker_url, uplink_url)

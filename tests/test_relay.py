@@ -121,3 +121,19 @@ def test_a_central_without_readings_endpoint_keeps_them_for_later(
     assert len(set(relayed_keys(central))) == total
     for board in boards:
         board.stop()
+
+
+def test_a_token_that_expires_mid_run_is_renewed_and_nothing_is_lost(
+    central: FakeCentral, gateway_factory: Callable[[str], Gateway], mosquitto_url: str, hub: str
+) -> None:
+    central.token_ttl = 3.0
+    gateway_factory(central.url)
+    boards = [SimulatedBoard.start(mosquitto_url, hub, d, interval=0.1) for d in BOARDS]
+    sent = stream_then_pause(boards, 60)  # about 6 s: the token expires twice meanwhile
+    central.revoke_tokens()  # and one is refused outright: reconnect and retry once
+    total = sum(sent.values())
+    wait_for(lambda: len(central.readings) >= total, 30, f"{total} relayed readings")
+    assert len(set(relayed_keys(central))) == total
+    assert len(central.calls_to("connect")) >= 3
+    for board in boards:
+        board.stop()
