@@ -17,12 +17,14 @@ from actors.debug import DebugActor
 from actors.device import DeviceActor
 from actors.health import HealthServer
 from actors.mqtt_connection import MqttConnection
+from actors.uplink import UplinkConnection, uplink_endpoint
 from estate.board import BoardTiming
 from estate.config import Settings
 from estate.device_wire import Instruction, Topics
 from estate.messages import (
     ActorFailed,
     ActorInfo,
+    CentralRoutesChanged,
     DevicesLoaded,
     GetActors,
     GetStats,
@@ -37,7 +39,7 @@ from estate.messages import (
     Tick,
 )
 from estate.mqtt_client import BrokerEndpoint
-from estate.types import DeviceId
+from estate.types import CentralId, DeviceId
 
 __all__ = ["RestartPolicy", "Supervisor"]
 
@@ -98,6 +100,7 @@ class Supervisor(EstateActor):
         self.devices: dict[DeviceId, pykka.ActorRef[Any]] = {}
         self.tickers: list[Ticker] = []
         self.timers: list[threading.Timer] = []
+        self.central_ids: dict[DeviceId, CentralId | None] = {}
         self.stopping = False
         self.routes_sent = False
 
@@ -108,6 +111,8 @@ class Supervisor(EstateActor):
         self.core["mqtt"] = self._start_core("mqtt")
         if self.settings.central_url is not None:
             self.core["central"] = self._start_core("central")
+        if self.settings.central_url is not None or self.settings.uplink_mqtt_url is not None:
+            self.core["uplink"] = self._start_core("uplink")
         if self.settings.health_address is not None:
             self.core["health"] = self._start_core("health")
         if self.settings.repl_socket_path is not None or self.settings.repl_tcp is not None:
@@ -141,8 +146,9 @@ class Supervisor(EstateActor):
             except (pykka.Timeout, pykka.ActorDeadError):
                 self.log.warning("the central was not told of the shutdown in time")
             _join(self.core["central"])
-        if "mqtt" in self.core:
-            _join(self.core["mqtt"])
+        for role in ("uplink", "mqtt"):
+            if role in self.core:
+                _join(self.core[role])
 
     def _start_core(self, role: str) -> pykka.ActorRef[Any]:
         if role == "db":
@@ -156,6 +162,9 @@ class Supervisor(EstateActor):
             return MqttConnection.start(self.endpoint, self.topics, supervisor=self.actor_ref)
         if role == "central":
             return CentralApi.start(self.settings, self.actor_ref, self._peers())
+        if role == "uplink":
+            endpoint = uplink_endpoint(self.settings, self.endpoint.url)
+            return UplinkConnection.start(endpoint, self.settings.hub_name, self.actor_ref)
         if role == "health":
             return HealthServer.start(self.settings, supervisor=self.actor_ref)
         if role == "debug":
@@ -186,16 +195,32 @@ class Supervisor(EstateActor):
         for device_id in [d for d in self.devices if d not in wanted]:
             self.log.info("device %s is gone; stopping its actor", device_id)
             _retire(self.devices.pop(device_id), "removed")
+            self.central_ids.pop(device_id, None)
             changed = True
         for device_id, record in wanted.items():
+            if device_id in self.devices and self.central_ids.get(device_id) != record.central_id:
+                # the central renumbered it: its actor's stream topic is stale
+                _join(self.devices.pop(device_id))
             if device_id not in self.devices:
                 self.devices[device_id] = DeviceActor.start(
                     record, self.topics, self._peers(), self.timing, supervisor=self.actor_ref
                 )
+                self.central_ids[device_id] = record.central_id
                 changed = True
         if changed:
             self.log.info("%d devices known", len(self.devices))
             self.routes_sent = tell_if_alive(self.core["mqtt"], RoutesChanged(self.devices))
+            self._send_central_routes()
+
+    def _send_central_routes(self) -> None:
+        """The uplink routes the central's commands by the central's device ids."""
+        if "uplink" in self.core:
+            routes = {
+                self.central_ids[d]: ref
+                for d, ref in self.devices.items()
+                if self.central_ids.get(d) is not None
+            }
+            tell_if_alive(self.core["uplink"], CentralRoutesChanged(routes))
 
     @handles(Tick)
     def _tick(self, tick: Tick) -> None:
@@ -245,6 +270,8 @@ class Supervisor(EstateActor):
         self._announce_peers()
         if message.name == "mqtt":
             tell_if_alive(self.core["mqtt"], RoutesChanged(self.devices))
+        elif message.name == "uplink":
+            self._send_central_routes()
         elif message.name == "db":
             # The readings the dead writer held are unacknowledged and come again after a
             # reconnect; the device actors counted their energy already, so they restart

@@ -21,7 +21,6 @@ import pykka
 from actors.base import EstateActor
 from actors.device import DeviceActor
 from actors.introspection import Introspection
-from actors.uplink import UplinkConnection, uplink_endpoint
 from estate.board import DEFAULT_TIMING, BoardTiming
 from estate.device_wire import BoardReading, Instruction, Topics, payload_digest
 from estate.messages import (
@@ -29,7 +28,6 @@ from estate.messages import (
     BoardSaidHello,
     BoardSentReading,
     BoardStatusChanged,
-    CentralRoutesChanged,
     DeviceRecord,
     GetDeviceState,
     GetRecorded,
@@ -46,7 +44,7 @@ from estate.messages import (
 )
 from estate.types import CentralId, DeviceId, DevicePk
 
-__all__ = ["DeviceHarness", "ManualClock", "Recorder", "attach_uplink", "wire_uplink"]
+__all__ = ["DeviceHarness", "ManualClock", "Recorder", "gateway_uplink"]
 
 ASK_TIMEOUT = 5.0
 
@@ -213,56 +211,24 @@ class DeviceHarness:
 # -- the uplink beside a running gateway --------------------------------------------------
 
 
-def attach_uplink(
-    gateway: Any, uplink_url: str | None = None, devices: int = 0, timeout: float = 15.0
+def gateway_uplink(
+    gateway: Any, devices: int = 0, timeout: float = 15.0
 ) -> pykka.ActorRef[Any]:
-    """Start an UplinkConnection beside a started `actors.gateway.Gateway` and wire it.
-
-    `uplink_url` defaults to the gateway's UPLINK_MQTT_URL, else its boards' broker.
-    Waits for `devices` device actors, wires them (`wire_uplink`) and returns once the
-    uplink's subscription to `{hub}/commands` is granted. The caller stops it with
-    `.stop()` (before `gateway.stop()`, which does not). Stands in for the Supervisor's
-    own wiring.
-    """
-    settings = gateway.settings
-    endpoint = uplink_endpoint(settings, gateway.broker_url, uplink_url)
-    uplink = UplinkConnection.start(endpoint, settings.hub_name)
-    wire_uplink(gateway, uplink, devices, timeout)
-    _wait(
-        lambda: uplink.ask(GetStats(), timeout=timeout)["subscribed"],
-        timeout,
-        f"the uplink to subscribe on {endpoint.url}",
-    )
-    return uplink
-
-
-def wire_uplink(
-    gateway: Any, uplink: pykka.ActorRef[Any], devices: int = 0, timeout: float = 15.0
-) -> dict[CentralId, pykka.ActorRef[Any]]:
-    """Give every device actor the `uplink` peer and the uplink its routes by central id.
-
-    What the Supervisor will do itself: PeersChanged (its core actors plus `uplink`)
-    to each device actor, CentralRoutesChanged to the uplink. A device actor started or
-    restarted later is not wired: call this again.
-    """
+    """The gateway's own UplinkConnection, once `devices` device actors run and the
+    uplink has its routes and its subscription to `{hub}/commands` (so that a command
+    published now is not missed). The gateway starts and stops it (with CENTRAL_URL or
+    UPLINK_MQTT_URL set)."""
     introspection = Introspection(gateway.supervisor, timeout=timeout)
 
-    def device_refs() -> list[pykka.ActorRef[Any]]:
-        infos = introspection.actor_infos()
-        refs = [info.ref for info in infos if info.kind == "device"]
-        return refs if len(refs) >= devices else []
+    def ready() -> pykka.ActorRef[Any] | None:
+        refs = {info.name: info.ref for info in introspection.actor_infos()}
+        uplink = refs.get("uplink")
+        if uplink is None or sum(n.startswith("device:") for n in refs) < devices:
+            return None
+        stats = uplink.ask(GetStats(), timeout=timeout)
+        return uplink if stats["subscribed"] and stats["routes"] is not None else None
 
-    refs = _wait(device_refs, timeout, f"{devices} device actors") if devices else device_refs()
-    core = dict(gateway.supervisor.proxy().core.get(timeout=timeout))
-    peers = PeersChanged({**core, "uplink": uplink})
-    routes: dict[CentralId, pykka.ActorRef[Any]] = {}
-    for ref in refs:
-        ref.tell(peers)
-        central_id = ref.ask(GetDeviceState(), timeout=timeout).get("central_id")
-        if central_id is not None:
-            routes[CentralId(central_id)] = ref
-    uplink.tell(CentralRoutesChanged(routes))
-    return routes
+    return _wait(ready, timeout, "the gateway's uplink, subscribed, with its routes")
 
 
 def _wait(check: Any, timeout: float, what: str) -> Any:

@@ -2,14 +2,14 @@
 
     python -m benchmarks.command_latency --boards 100
 
-The gateway runs in this process (Gateway plus an UplinkConnection wired by
-`actors.testing.attach_uplink`, until `estate run` wires the uplink itself) on a
-SQLite file, with N simulated boards streaming readings on a private Mosquitto and
-the central's uplink on a second private Mosquitto (`--one-broker`: the same one).
-A paho client playing the central publishes `--commands` toggles (`{"device": id,
-"instruction": 2}`, QoS 1) round-robin over the boards at `--rate` per second; each
-board records the monotonic time at which its command arrived (same clock, same
-process). Printed: median, p90, p99 and max of (arrival - publish call), in ms.
+The gateway runs in this process (with UPLINK_MQTT_URL set it runs its own
+UplinkConnection) on a SQLite file, with N simulated boards streaming readings on a
+private Mosquitto and the central's uplink on a second private Mosquitto
+(`--one-broker`: the same one). A paho client playing the central publishes
+`--commands` toggles (`{"device": id, "instruction": 2}`, QoS 1) round-robin over
+the boards at `--rate` per second; each board records the monotonic time at which
+its command arrived (same clock, same process). Printed: median, p90, p99 and max of
+(arrival - publish call), in ms.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pykka
 
 from actors.gateway import Gateway
 from actors.simulated_board import SimulatedBoard
-from actors.testing import attach_uplink
+from actors.testing import gateway_uplink
 from estate.config import load_settings
 from estate.db.engine import make_engine, upgrade
 from estate.db.store import register_device
@@ -106,7 +106,6 @@ def main() -> int:  # noqa: PLR0915  (one linear scenario)
     gateway: Gateway | None = None
     boards: dict[str, pykka.ActorRef[Any]] = {}
     central: Central | None = None
-    uplink: pykka.ActorRef[Any] | None = None
     try:
         upgrade(database)
         engine = make_engine(database)
@@ -138,7 +137,7 @@ def main() -> int:  # noqa: PLR0915  (one linear scenario)
             return all(ref.ask(GetBoardState(), timeout=10)["connected"] for ref in boards.values())
 
         _wait(all_connected, 120, f"{args.boards} boards connected")
-        uplink = attach_uplink(gateway, uplink_broker.url, devices=args.boards, timeout=30)
+        uplink = gateway_uplink(gateway, devices=args.boards, timeout=30)
         central = Central(uplink_broker.url, hub)
         time.sleep(2.0)  # let every board settle into its reading rhythm
 
@@ -171,9 +170,6 @@ def main() -> int:  # noqa: PLR0915  (one linear scenario)
         for ref in boards.values():
             with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                 ref.stop(block=True, timeout=10)
-        if uplink is not None:
-            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
-                uplink.stop(block=True, timeout=10)
         if gateway is not None:
             gateway.stop()
         boards_broker.stop()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import core_ref, device_row, register, supervisor_stats, wait_for
+from helpers import actor_refs, core_ref, device_row, register, supervisor_stats, wait_for
 
 from actors.gateway import Gateway
 from actors.simulated_board import SimulatedBoard
@@ -18,6 +19,7 @@ from estate.messages import (
     PauseReadings,
     SyncNow,
 )
+from estate.mqtt_client import BrokerEndpoint, make_client
 from estate.types import DeviceId
 
 pytestmark = pytest.mark.integration
@@ -153,3 +155,59 @@ def test_shutdown_tells_the_boards_and_the_central(
     )
     board.stop()
 
+
+
+def test_central_commands_reach_the_board_through_the_gateway(
+    central: FakeCentral,
+    start_gateway: Callable[..., Gateway],
+    mosquitto_url: str,
+    hub: str,
+) -> None:
+    """No UPLINK_MQTT_URL: the central's commands come over the boards' broker."""
+    gateway = start_gateway(central.url)
+    wait_for(lambda: "uplink" in actor_refs(gateway), 10, "the uplink connection")
+    board = SimulatedBoard.start(mosquitto_url, hub, "H001", interval=0.2)
+    wait_for(lambda: board.ask(GetBoardState())["connected"], 10, "the handshake")
+    listener = make_listener(mosquitto_url, f"{hub}/power/7")
+    was_on = board.ask(GetBoardState())["load_on"]
+
+    def uplink_ready() -> bool:
+        stats = actor_refs(gateway)["uplink"].ask(GetStats())
+        return bool(stats["subscribed"]) and stats["routes"] == 2
+
+    wait_for(uplink_ready, 10, "the uplink subscribed with both devices' routes")
+    publish(mosquitto_url, f"{hub}/commands", {"device": 7, "instruction": 2})
+    wait_for(lambda: board.ask(GetBoardState())["load_on"] != was_on, 6, "the toggle")
+    publish(mosquitto_url, f"{hub}/commands", {"device": 7, "command": "stream"})
+    wait_for(lambda: len(listener.messages) >= 2, 10, "two power messages")
+    power = json.loads(listener.messages[-1])
+    assert set(power) == {"timestamp", "power"}
+    listener.stop()
+    board.stop()
+
+
+class make_listener:  # noqa: N801  (used like a function)
+    """Collects the payloads published on one topic."""
+
+    def __init__(self, broker_url: str, topic: str) -> None:
+        self.messages: list[bytes] = []
+        endpoint = BrokerEndpoint(url=broker_url, client_id=f"listen-{topic}", persistent=False)
+        self.client = make_client(endpoint)
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, 1)
+        self.client.on_message = lambda _c, _u, m: self.messages.append(bytes(m.payload))
+        self.client.connect(endpoint.host, endpoint.port)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publish(broker_url: str, topic: str, body: dict[str, Any]) -> None:
+    endpoint = BrokerEndpoint(url=broker_url, client_id=f"central-{topic}", persistent=False)
+    client = make_client(endpoint)
+    client.connect(endpoint.host, endpoint.port)
+    client.loop_start()
+    client.publish(topic, json.dumps(body).encode(), qos=1).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from helpers import core_ref, register, wait_for
+from sqlalchemy import select
 
 from actors.gateway import Gateway
 from actors.simulated_board import SimulatedBoard
+from estate.central_wire import iso_utc
+from estate.db.models import DeviceRow, ReadingRow
 from estate.fake_central import FakeCentral
 from estate.messages import GetBoardState, GetStats, PauseReadings
 
@@ -30,6 +34,11 @@ def central(hub: str) -> Iterator[FakeCentral]:
     )
     yield fake
     fake.stop()
+
+
+@pytest.fixture
+def engine(db_url: str, engine_for: Any) -> Any:
+    return engine_for(db_url)
 
 
 @pytest.fixture
@@ -56,8 +65,17 @@ def gateway_factory(
         gateway.stop()
 
 
-def relayed_keys(central: FakeCentral) -> list[tuple[str, str]]:
-    return [(r["device_id"], r["ts"]) for r in central.readings]
+def relayed(central: FakeCentral) -> Counter[tuple[str, str, float, float]]:
+    """What the central received, as a multiset (two readings may share a receive time)."""
+    return Counter((r["device_id"], r["ts"], r["voltage"], r["current"]) for r in central.readings)
+
+
+def stored(engine: Any) -> Counter[tuple[str, str, float, float]]:
+    """What the gateway stored, in the same form."""
+    query = select(DeviceRow.device_id, ReadingRow.ts, ReadingRow.voltage, ReadingRow.current)
+    with engine.connect() as conn:
+        rows = conn.execute(query.join(DeviceRow, DeviceRow.id == ReadingRow.device_pk))
+        return Counter((d, iso_utc(ts), v, c) for d, ts, v, c in rows)
 
 
 def stream_then_pause(boards: list[Any], readings: int) -> dict[str, int]:
@@ -72,7 +90,11 @@ def stream_then_pause(boards: list[Any], readings: int) -> dict[str, int]:
 
 
 def test_every_reading_reaches_the_central_once_despite_an_outage(
-    central: FakeCentral, gateway_factory: Callable[[str], Gateway], mosquitto_url: str, hub: str
+    central: FakeCentral,
+    gateway_factory: Callable[[str], Gateway],
+    mosquitto_url: str,
+    hub: str,
+    engine: Any,
 ) -> None:
     gateway = gateway_factory(central.url)
     boards = [SimulatedBoard.start(mosquitto_url, hub, d, interval=0.05) for d in BOARDS]
@@ -89,8 +111,8 @@ def test_every_reading_reaches_the_central_once_despite_an_outage(
     central.up()
     total = sum(sent.values())
     wait_for(lambda: len(central.readings) >= total, 60, f"{total} relayed readings")
-    keys = relayed_keys(central)
-    assert len(keys) == len(set(keys)) == total, "a reading relayed twice or lost"
+    assert relayed(central) == stored(engine), "a reading relayed twice or lost"
+    assert sum(relayed(central).values()) == total
     for device_id in BOARDS:  # order kept per device
         times = [r["ts"] for r in central.readings if r["device_id"] == device_id]
         assert times == sorted(times)
@@ -103,6 +125,7 @@ def test_a_central_without_readings_endpoint_keeps_them_for_later(
     gateway_factory: Callable[[str], Gateway],
     mosquitto_url: str,
     hub: str,
+    engine: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     central.set_readings_endpoint(False)
@@ -118,13 +141,18 @@ def test_a_central_without_readings_endpoint_keeps_them_for_later(
     gateway_factory(central.url)
     total = sum(sent.values())
     wait_for(lambda: len(central.readings) >= total, 30, f"{total} relayed readings")
-    assert len(set(relayed_keys(central))) == total
+    assert relayed(central) == stored(engine)
+    assert sum(relayed(central).values()) == total
     for board in boards:
         board.stop()
 
 
 def test_a_token_that_expires_mid_run_is_renewed_and_nothing_is_lost(
-    central: FakeCentral, gateway_factory: Callable[[str], Gateway], mosquitto_url: str, hub: str
+    central: FakeCentral,
+    gateway_factory: Callable[[str], Gateway],
+    mosquitto_url: str,
+    hub: str,
+    engine: Any,
 ) -> None:
     central.token_ttl = 3.0
     gateway_factory(central.url)
@@ -133,7 +161,8 @@ def test_a_token_that_expires_mid_run_is_renewed_and_nothing_is_lost(
     central.revoke_tokens()  # and one is refused outright: reconnect and retry once
     total = sum(sent.values())
     wait_for(lambda: len(central.readings) >= total, 30, f"{total} relayed readings")
-    assert len(set(relayed_keys(central))) == total
+    assert relayed(central) == stored(engine)
+    assert sum(relayed(central).values()) == total
     assert len(central.calls_to("connect")) >= 3
     for board in boards:
         board.stop()
