@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from actors.base import EstateActor, Ticker, handles, tell_if_alive
 from estate.db.engine import make_engine
-from estate.db.outbox import claim_batch, mark_sent, prune_relayed
+from estate.db.outbox import OutboxState, claim_batch, mark_sent, outbox_state, prune_relayed
 from estate.db.store import apply_central_devices, load_devices, write_batch
 from estate.logs import RateLimitedLog
 from estate.messages import (
@@ -22,6 +22,7 @@ from estate.messages import (
     ClaimRelayBatch,
     DevicesLoaded,
     FlushDue,
+    GetOutboxState,
     GetStats,
     LoadDevices,
     MarkRelayed,
@@ -172,6 +173,16 @@ class DbWriter(EstateActor):
             self.error_log.warning("outbox", "cannot claim readings to relay: %s", _short(exc))
             batch = None
         tell_if_alive(request.reply_to, RelayBatchReady(batch) if batch else RelayOutboxIdle())
+
+    @handles(GetOutboxState)
+    def _outbox_state(self, _message: GetOutboxState) -> OutboxState | None:
+        assert self.engine is not None
+        try:
+            with self.engine.connect() as conn:
+                return outbox_state(conn)
+        except SQLAlchemyError as exc:
+            self.error_log.warning("outbox", "cannot read the outbox: %s", _short(exc))
+            return None
 
     @handles(MarkRelayed)
     def _relayed(self, message: MarkRelayed) -> None:

@@ -64,6 +64,7 @@ actors()               every actor: name, kind, alive, mailbox depth, restarts
 send('H001', 2)        send an instruction to a board: 0 disconnect, 1 persist,
                        2 toggle the load, 3 balance updated
 stats()                counters of the supervisor and the core actors
+sync()                 sync the devices with the central now
 settings               the gateway's settings (secrets masked)
 help()                 this list; help(obj) documents obj
 exit() or Ctrl-D       leave (the gateway keeps running)
@@ -184,6 +185,11 @@ def repl_namespace(
         """Print the counters of the supervisor and of each core actor (secrets masked)."""
         say(pprint.pformat(mask_value(introspection.stats()), sort_dicts=False))
 
+    @guarded
+    def sync() -> None:
+        """Sync the devices with the central now (when a central is configured)."""
+        say("sync asked of the central" if introspection.sync() else "error: no central")
+
     def help(thing: Any = None) -> None:
         """List the REPL's commands, or document `thing`."""
         if thing is None:
@@ -202,6 +208,7 @@ def repl_namespace(
         "actors": actors,
         "send": send,
         "stats": stats,
+        "sync": sync,
         "help": help,
         "settings": _Shown(settings_text),
         "print": say,

@@ -20,6 +20,7 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +39,7 @@ from prometheus_client.registry import Collector
 from actors.base import EstateActor, handles
 from actors.introspection import Introspection
 from estate.config import Settings
+from estate.db.outbox import OutboxState
 from estate.messages import GetHealthAddress, GetStats, ProbeDatabase
 
 __all__ = ["GatewayCollector", "HealthChecks", "HealthServer", "split_address"]
@@ -154,6 +156,7 @@ class GatewayCollector(Collector):
             actors = self.introspection.actors()
             stats = self.introspection.stats()
             devices = self.introspection.devices()
+            outbox = self.introspection.outbox()
         except (pykka.Timeout, pykka.ActorDeadError):
             up.add_metric([], 0)
             yield up
@@ -164,6 +167,8 @@ class GatewayCollector(Collector):
         yield from _mqtt_metrics(stats.get("mqtt", {}))
         yield from _db_metrics(stats.get("db", {}))
         yield from _device_metrics(devices)
+        if outbox is not None:
+            yield from _outbox_metrics(outbox)
 
 
 def _number(stats: dict[str, Any], key: str) -> float:
@@ -243,6 +248,19 @@ def _db_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
     )
     failing.add_metric([], 1 if stats.get("failing") else 0)
     yield failing
+
+
+def _outbox_metrics(outbox: OutboxState) -> Iterator[Metric]:
+    depth = GaugeMetricFamily(
+        "estate_relay_outbox_readings", "stored readings the central does not have yet"
+    )
+    depth.add_metric([], outbox.waiting)
+    lag = GaugeMetricFamily(
+        "estate_relay_lag_seconds", "age of the oldest reading the central does not have yet"
+    )
+    oldest = outbox.oldest
+    lag.add_metric([], (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0)
+    yield from (depth, lag)
 
 
 def _device_metrics(devices: list[dict[str, Any]]) -> Iterator[Metric]:

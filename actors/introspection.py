@@ -11,8 +11,18 @@ from typing import Any
 
 import pykka
 
+from actors.base import tell_if_alive
+from estate.db.outbox import OutboxState
 from estate.device_wire import Instruction
-from estate.messages import ActorInfo, GetActors, GetDeviceState, GetStats, SendInstruction
+from estate.messages import (
+    ActorInfo,
+    GetActors,
+    GetDeviceState,
+    GetOutboxState,
+    GetStats,
+    SendInstruction,
+    SyncNow,
+)
 
 __all__ = ["Introspection", "UnknownDevice"]
 
@@ -82,6 +92,21 @@ class Introspection:
         if ref is None:
             raise UnknownDevice(f"no device {device_id!r} is known (see devices())")
         return ref
+
+    def sync(self) -> bool:
+        """Ask the central actor to sync the devices now; False without a central."""
+        central = {info.name: info.ref for info in self.actor_infos()}.get("central")
+        return central is not None and tell_if_alive(central, SyncNow())
+
+    def outbox(self) -> OutboxState | None:
+        """Readings the central does not have yet; None without a central (or no answer)."""
+        refs = {info.name: info.ref for info in self.actor_infos()}
+        if "central" not in refs or "db" not in refs:
+            return None
+        try:
+            return refs["db"].ask(GetOutboxState(), timeout=self.timeout)
+        except (pykka.Timeout, pykka.ActorDeadError):
+            return None
 
     def stats(self) -> dict[str, Any]:
         """Counters of the supervisor and of each core actor, by actor name."""

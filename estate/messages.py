@@ -392,6 +392,11 @@ class PruneRelayed:
 
 
 @attrs.frozen
+class GetOutboxState:
+    """Ask the DbWriter how many readings the central does not have yet (an OutboxState)."""
+
+
+@attrs.frozen
 class NotifyShutdown:
     """Tell the central the gateway is going down (`POST /shutdown`); answers True if done."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,7 +16,7 @@ from actors.simulated_board import SimulatedBoard
 from estate.central_wire import iso_utc
 from estate.db.models import DeviceRow, ReadingRow
 from estate.fake_central import FakeCentral
-from estate.messages import GetBoardState, GetStats, PauseReadings
+from estate.messages import GetBoardState, GetHealthAddress, GetStats, PauseReadings
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +79,16 @@ def stored(engine: Any) -> Counter[tuple[str, str, float, float]]:
         return Counter((d, iso_utc(ts), v, c) for d, ts, v, c in rows)
 
 
+def outbox_metric(gateway: Gateway, name: str) -> float:
+    """A gauge of the gateway's /metrics."""
+    address = core_ref(gateway, "health").ask(GetHealthAddress(), timeout=10)
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def stream_then_pause(boards: list[Any], readings: int) -> dict[str, int]:
     wait_for(
         lambda: all(len(b.ask(GetBoardState())["accepted"]) >= readings for b in boards),
@@ -107,10 +118,15 @@ def test_every_reading_reaches_the_central_once_despite_an_outage(
     )
     central.down()
     sent = stream_then_pause(boards, 150)
+    assert outbox_metric(gateway, "estate_relay_outbox_readings") > 0
+    assert outbox_metric(gateway, "estate_relay_lag_seconds") > 0
     central.fail_with(None)
     central.up()
     total = sum(sent.values())
     wait_for(lambda: len(central.readings) >= total, 60, f"{total} relayed readings")
+    wait_for(
+        lambda: outbox_metric(gateway, "estate_relay_outbox_readings") == 0, 10, "empty outbox"
+    )
     assert relayed(central) == stored(engine), "a reading relayed twice or lost"
     assert sum(relayed(central).values()) == total
     for device_id in BOARDS:  # order kept per device

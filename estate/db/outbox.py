@@ -99,10 +99,10 @@ def mark_sent(conn: Connection, batch_id: str, now: datetime) -> None:
 
 def outbox_state(conn: Connection) -> OutboxState:
     """How many readings the central does not have yet, and since when."""
-    accepted = select(RelayBatchRow.batch_id).where(RelayBatchRow.sent_at.is_not(None))
+    unsent = select(RelayBatchRow.batch_id).where(RelayBatchRow.sent_at.is_(None))
     waiting, oldest = conn.execute(
         select(func.count(), func.min(ReadingRow.received_at)).where(
-            (ReadingRow.relay_batch.is_(None)) | (ReadingRow.relay_batch.not_in(accepted))
+            (ReadingRow.relay_batch.is_(None)) | (ReadingRow.relay_batch.in_(unsent))
         )
     ).one()
     return OutboxState(waiting, oldest)
