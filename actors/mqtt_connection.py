@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter, deque
-from datetime import UTC, datetime
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pykka
 
-from actors.base import EstateActor, handles, tell_if_alive
-from estate.config import mask_url
+from actors.base import handles, tell_if_alive
+from actors.broker_client import BrokerClientActor
 from estate.device_wire import (
     BadInput,
     TopicKind,
@@ -29,57 +26,19 @@ from estate.messages import (
     BoardStatusChanged,
     GetStats,
     MqttConnected,
-    MqttDisconnected,
     MqttMessageReceived,
     PublishMessage,
     Reconnect,
     RoutesChanged,
 )
-from estate.mqtt_client import BrokerEndpoint, connect_async, make_client
+from estate.mqtt_client import BrokerEndpoint
 from estate.types import DeviceId
 
 __all__ = ["MqttConnection"]
 
-REFUSED = "refused: "
-"""Prefix of the reason of a CONNACK that refused us (bad credentials, not authorised...)."""
 
 
-class _PahoBridge:
-    """Paho's callbacks: convert to our messages and tell the actor, nothing else.
-
-    Runs on paho's network thread. `generation` changes on every (re)connection, so
-    acknowledgements meant for an earlier connection are never sent on a later one.
-    """
-
-    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
-        self.ref = ref
-        self.generation = 0
-
-    def on_connect(self, _client: Any, _data: Any, flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            tell_if_alive(self.ref, MqttDisconnected(self.generation, f"{REFUSED}{reason}"))
-            return
-        self.generation = time.monotonic_ns()
-        tell_if_alive(self.ref, MqttConnected(self.generation, bool(flags.session_present)))
-
-    def on_disconnect(self, _client: Any, _data: Any, _flags: Any, reason: Any, _p: Any) -> None:
-        tell_if_alive(self.ref, MqttDisconnected(self.generation, str(reason)))
-
-    def on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        tell_if_alive(
-            self.ref,
-            MqttMessageReceived(
-                topic=message.topic,
-                payload=bytes(message.payload),
-                qos=message.qos,
-                dup=bool(message.dup),
-                received_at=datetime.now(UTC),
-                ack=AckToken(self.generation, message.mid) if message.qos > 0 else None,
-            )
-        )
-
-
-class MqttConnection(EstateActor):
+class MqttConnection(BrokerClientActor):
     """The boards' broker: subscribes to every board's topics, validates and routes them.
 
     Telemetry is acknowledged only when the DbWriter says its transaction committed;
@@ -87,6 +46,7 @@ class MqttConnection(EstateActor):
     """
 
     kind = "mqtt"
+    manual_ack = True
 
     def __init__(
         self,
@@ -95,40 +55,16 @@ class MqttConnection(EstateActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "mqtt",
     ) -> None:
-        super().__init__(name, supervisor)
-        self.endpoint, self.topics = endpoint, topics
-        self.broker = mask_url(endpoint.url)  # for logs and stats: never the password
+        super().__init__(endpoint, name, supervisor)
+        self.topics = topics
         self.routes: dict[DeviceId, pykka.ActorRef[Any]] | None = None  # None: not yet known
         # Held messages are unacknowledged, so the broker's in-flight window bounds them.
         # Readings for a device whose actor is restarting:
         self.unrouted: deque[tuple[DeviceId, Any]] = deque()
         # a resumed session delivers before the devices are loaded: hold, do not reject
         self.early: deque[MqttMessageReceived] = deque()
-        self.connected = False
-        self.generation = -1
-        self.counts: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.bad_log = RateLimitedLog(self.log)
-        self.client: mqtt.Client | None = None
-
-    # -- life cycle ------------------------------------------------------------------------
-
-    def setup(self) -> None:
-        bridge = _PahoBridge(self.actor_ref)
-        client = make_client(self.endpoint, manual_ack=True)
-        client.on_connect = bridge.on_connect
-        client.on_disconnect = bridge.on_disconnect
-        client.on_message = bridge.on_message
-        connect_async(client, self.endpoint)
-        client.loop_start()
-        self.client = client
-        self.log.info("connecting to %s as %s", self.broker, self.endpoint.client_id)
-
-    def teardown(self) -> None:
-        if self.client is not None:
-            self.client.disconnect()
-            self.client.loop_stop()
-            self.client = None
 
     # -- connection state ------------------------------------------------------------------
 
@@ -147,21 +83,6 @@ class MqttConnection(EstateActor):
         """Subscribe once connected and the known devices are loaded, so none is rejected."""
         if self.client is not None and self.connected and self.routes is not None:
             self.client.subscribe([(topic, 1) for topic in self.topics.inbound_filters])
-
-    @handles(MqttDisconnected)
-    def _disconnected(self, event: MqttDisconnected) -> None:
-        if event.reason.startswith(REFUSED):
-            # paho retries with backoff (1 s doubling to 30 s): one line per attempt at most
-            self.counts["refused"] += 1
-            self.log.warning(
-                "connection to %s as %s %s; retrying",
-                self.broker,
-                self.endpoint.client_id,
-                event.reason,
-            )
-        elif self.connected:
-            self.log.warning("disconnected from %s: %s; reconnecting", self.broker, event.reason)
-        self.connected = False
 
     @handles(Reconnect)
     def _reconnect(self, _message: Reconnect) -> None:

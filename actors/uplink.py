@@ -14,20 +14,19 @@ meant to switch), and the subscription is renewed on every (re)connection.
 from __future__ import annotations
 
 from collections import Counter, deque
-from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pykka
 
-from actors.base import EstateActor, handles, tell_if_alive
-from estate.config import Settings, mask_url
+from actors.base import handles, tell_if_alive
+from actors.broker_client import BrokerClientActor
+from estate.config import Settings
 from estate.logs import RateLimitedLog
 from estate.messages import (
     CentralRoutesChanged,
     GetStats,
     MqttConnected,
-    MqttDisconnected,
     MqttMessageReceived,
     MqttSubscribed,
     PublishMessage,
@@ -35,7 +34,7 @@ from estate.messages import (
     StartPowerStream,
     StopPowerStream,
 )
-from estate.mqtt_client import BrokerEndpoint, connect_async, make_client
+from estate.mqtt_client import BrokerEndpoint
 from estate.types import CentralId
 from estate.uplink_wire import (
     BadCommand,
@@ -53,9 +52,6 @@ COMMAND_QOS = 1
 
 MAX_HELD = 1000
 """Commands held for a device actor that is restarting (or before the routes are known)."""
-
-REFUSED = "refused: "
-
 
 def uplink_endpoint(settings: Settings, boards_url: str, url: str | None = None) -> BrokerEndpoint:
     """The gateway's session on the central's broker.
@@ -95,42 +91,7 @@ def uplink_endpoint(settings: Settings, boards_url: str, url: str | None = None)
     )
 
 
-class _PahoBridge:
-    """Paho's callbacks (on paho's thread): convert to our messages and tell, nothing else."""
-
-    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
-        self.ref = ref
-        self.generation = 0
-
-    def on_connect(self, _client: Any, _data: Any, flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            tell_if_alive(self.ref, MqttDisconnected(self.generation, f"{REFUSED}{reason}"))
-            return
-        self.generation += 1
-        tell_if_alive(self.ref, MqttConnected(self.generation, bool(flags.session_present)))
-
-    def on_disconnect(self, _client: Any, _data: Any, _flags: Any, reason: Any, _p: Any) -> None:
-        tell_if_alive(self.ref, MqttDisconnected(self.generation, str(reason)))
-
-    def on_subscribe(self, _client: Any, _data: Any, _mid: int, reasons: Any, _p: Any) -> None:
-        granted = all(not reason.is_failure for reason in reasons)
-        tell_if_alive(self.ref, MqttSubscribed(self.generation, granted))
-
-    def on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        tell_if_alive(
-            self.ref,
-            MqttMessageReceived(
-                topic=message.topic,
-                payload=bytes(message.payload),
-                qos=message.qos,
-                dup=bool(message.dup),
-                received_at=datetime.now(UTC),
-                ack=None,  # paho acknowledges on receipt: commands are not stored
-            ),
-        )
-
-
-class UplinkConnection(EstateActor):
+class UplinkConnection(BrokerClientActor):
     """The central's broker: commands in, routed by central id; power streams out.
 
     Bad input (not JSON, not an object, unknown command, bad value, unknown device)
@@ -147,40 +108,14 @@ class UplinkConnection(EstateActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "uplink",
     ) -> None:
-        super().__init__(name, supervisor)
-        self.endpoint = endpoint
+        super().__init__(endpoint, name, supervisor)
         self.topics = UplinkTopics(hub)
-        self.broker = mask_url(endpoint.url)  # for logs and stats: never the password
         self.routes: dict[CentralId, pykka.ActorRef[Any]] | None = None  # None: not yet known
         self.held: deque[tuple[CentralId, Any]] = deque(maxlen=MAX_HELD)
-        self.connected = False
         self.subscribing = False
         self.subscribed = False  # the broker granted `{hub}/commands` on this connection
-        self.counts: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.bad_log = RateLimitedLog(self.log)
-        self.client: mqtt.Client | None = None
-        self.generation = -1
-
-    # -- life cycle ------------------------------------------------------------------------
-
-    def setup(self) -> None:
-        bridge = _PahoBridge(self.actor_ref)
-        client = make_client(self.endpoint)
-        client.on_connect = bridge.on_connect
-        client.on_disconnect = bridge.on_disconnect
-        client.on_message = bridge.on_message
-        client.on_subscribe = bridge.on_subscribe
-        connect_async(client, self.endpoint)
-        client.loop_start()
-        self.client = client
-        self.log.info("connecting to %s as %s", self.broker, self.endpoint.client_id)
-
-    def teardown(self) -> None:
-        if self.client is not None:
-            self.client.disconnect()
-            self.client.loop_stop()
-            self.client = None
 
     # -- connection state ------------------------------------------------------------------
 
@@ -214,19 +149,8 @@ class UplinkConnection(EstateActor):
                 self.topics.commands,
             )
 
-    @handles(MqttDisconnected)
-    def _disconnected(self, event: MqttDisconnected) -> None:
-        if event.reason.startswith(REFUSED):
-            self.counts["refused"] += 1
-            self.log.warning(
-                "connection to %s as %s %s; retrying",
-                self.broker,
-                self.endpoint.client_id,
-                event.reason,
-            )
-        elif self.connected:
-            self.log.warning("disconnected from %s: %s; reconnecting", self.broker, event.reason)
-        self.connected = self.subscribing = self.subscribed = False
+    def lost_connection(self) -> None:
+        self.subscribing = self.subscribed = False
 
     # -- commands --------------------------------------------------------------------------
 
