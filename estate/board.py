@@ -325,13 +325,6 @@ class Board:
         if len(self._recent) > RECENT_MESSAGES:
             del self._recent[next(iter(self._recent))]
         return False
-        if self.last_seq is not None and seq <= self.last_seq:
-            if dup:
-                return True
-            self.boot += 1
-            self._energy.reset()
-        self.last_seq = seq
-        return False
 
     def _keepalive_due(self, now: float) -> bool:
         if self.last_command is None:
