@@ -26,11 +26,12 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 from benchmarks.load import LoadGenerator
-from estate.db.engine import driver_url, make_engine, upgrade
+from estate.db.engine import make_engine
 from estate.db.models import ReadingRow
+from estate.db.scratch import scratch_database
 from estate.db.store import register_device
 from estate.device_wire import Topics
 from estate.mosquitto import MosquittoProcess
@@ -146,33 +147,32 @@ def _gateway(args: argparse.Namespace, url: str, ids: list[str]) -> tuple[list[f
         engine.dispose()
 
 
+def _run(
+    args: argparse.Namespace, url: str, ids: list[str]
+) -> tuple[list[float], int, list[float], int, int]:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for device_id in ids:
+            register_device(conn, device_id, "Consumer")
+    engine.dispose()
+    baseline, base_accepted = _baseline(args, ids)
+    measured, accepted, distinct = _gateway(args, url, ids)
+    return baseline, base_accepted, measured, accepted, distinct
+
+
 def main() -> int:
     args = _arguments()
-    name = f"estate_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(driver_url(args.pg), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = args.pg.rsplit("/", 1)[0] + f"/{name}"
     ids = [f"B{n:04d}" for n in range(1, args.boards + 1)]
     broker = None
     if args.broker is None:
         broker = MosquittoProcess().start()
         args.broker = broker.url
     try:
-        upgrade(url)
-        engine = make_engine(url)
-        with engine.begin() as conn:
-            for device_id in ids:
-                register_device(conn, device_id, "Consumer")
-        engine.dispose()
-        baseline, base_accepted = _baseline(args, ids)
-        measured, accepted, distinct = _gateway(args, url, ids)
+        with scratch_database(args.pg, "estate_bench") as url:
+            baseline, base_accepted, measured, accepted, distinct = _run(args, url, ids)
     finally:
         if broker is not None:
             broker.stop()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
     base, gate = statistics.median(baseline), statistics.median(measured)
     load = f"{args.rate:.0f}/s" if args.rate else "as fast as the broker takes them"

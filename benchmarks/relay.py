@@ -18,13 +18,12 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import create_engine, text
-
 from actors.gateway import Gateway
 from estate.central_client import CentralClient
 from estate.central_wire import ReadingsBatch, RelayedReading
 from estate.config import load_settings
-from estate.db.engine import driver_url, make_engine, upgrade
+from estate.db.engine import make_engine
+from estate.db.scratch import scratch_database
 from estate.db.store import register_device, write_batch
 from estate.fake_central import FakeCentral
 from estate.messages import StoreReading
@@ -92,66 +91,61 @@ def _baseline(
     return len(readings) / elapsed
 
 
+def _run(args: argparse.Namespace, url: str) -> tuple[float, float, list[tuple[str, str]]]:
+    """Store the readings, then measure the baseline and the gateway's drain."""
+    hub = f"bench{uuid.uuid4().hex[:6]}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        pks = {
+            f"B{n:04d}": int(register_device(conn, f"B{n:04d}", "Consumer"))
+            for n in range(1, args.boards + 1)
+        }
+    readings = _readings(pks, args.readings)
+    with engine.begin() as conn:
+        for first in range(0, len(readings), 5000):
+            write_batch(conn, readings[first : first + 5000])
+    engine.dispose()
+    devices = [
+        {"id": pk, "device_id": d, "connection_type": "Consumer", "account_address": "0x1"}
+        for d, pk in pks.items()
+    ]
+
+    with FakeCentral(api_key=API_KEY, hub=hub) as central:
+        central.set_devices(devices)
+        baseline = _baseline(central, readings, {pk: d for d, pk in pks.items()}, args.batch)
+
+    with FakeCentral(api_key=API_KEY, hub=hub) as central, MosquittoProcess() as broker:
+        central.set_devices(devices)
+        settings = load_settings(
+            {
+                "DATABASE_URL": url,
+                "MQTT_URL": broker.url,
+                "HUB_NAME": hub,
+                "CENTRAL_URL": central.url,
+                "CENTRAL_API_KEY": API_KEY,
+                "RELAY_BATCH_MAX": str(args.batch),
+                "HEALTH_ADDRESS": "off",
+                "REPL_SOCKET": "off",
+                "LOG_LEVEL": "WARNING",
+            },
+            env_file=None,
+        )
+        started = time.perf_counter()
+        gateway = Gateway(settings).start()
+        try:
+            deadline = time.monotonic() + 600
+            while len(central.readings) < args.readings and time.monotonic() < deadline:
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - started
+        finally:
+            gateway.stop()
+        return baseline, elapsed, [(r["device_id"], r["ts"]) for r in central.readings]
+
+
 def main() -> int:
     args = _arguments()
-    name = f"estate_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(driver_url(args.pg), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = args.pg.rsplit("/", 1)[0] + f"/{name}"
-    hub = f"bench{uuid.uuid4().hex[:6]}"
-    try:
-        upgrade(url)
-        engine = make_engine(url)
-        with engine.begin() as conn:
-            pks = {
-                f"B{n:04d}": int(register_device(conn, f"B{n:04d}", "Consumer"))
-                for n in range(1, args.boards + 1)
-            }
-        readings = _readings(pks, args.readings)
-        with engine.begin() as conn:
-            for first in range(0, len(readings), 5000):
-                write_batch(conn, readings[first : first + 5000])
-        engine.dispose()
-        devices = [
-            {"id": pk, "device_id": d, "connection_type": "Consumer", "account_address": "0x1"}
-            for d, pk in pks.items()
-        ]
-
-        with FakeCentral(api_key=API_KEY, hub=hub) as central:
-            central.set_devices(devices)
-            baseline = _baseline(central, readings, {pk: d for d, pk in pks.items()}, args.batch)
-
-        with FakeCentral(api_key=API_KEY, hub=hub) as central, MosquittoProcess() as broker:
-            central.set_devices(devices)
-            settings = load_settings(
-                {
-                    "DATABASE_URL": url,
-                    "MQTT_URL": broker.url,
-                    "HUB_NAME": hub,
-                    "CENTRAL_URL": central.url,
-                    "CENTRAL_API_KEY": API_KEY,
-                    "RELAY_BATCH_MAX": str(args.batch),
-                    "HEALTH_ADDRESS": "off",
-                    "REPL_SOCKET": "off",
-                    "LOG_LEVEL": "WARNING",
-                },
-                env_file=None,
-            )
-            started = time.perf_counter()
-            gateway = Gateway(settings).start()
-            try:
-                deadline = time.monotonic() + 600
-                while len(central.readings) < args.readings and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                elapsed = time.perf_counter() - started
-            finally:
-                gateway.stop()
-            arrived = [(r["device_id"], r["ts"]) for r in central.readings]
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(args.pg, "estate_bench") as url:
+        baseline, elapsed, arrived = _run(args, url)
 
     relayed = len(arrived) / elapsed
     print(f"{args.readings} readings of {args.boards} boards, batches of {args.batch}")

@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 
 from estate.config import Settings, load_settings
 from estate.db.engine import driver_url, make_engine, upgrade
+from estate.db.scratch import scratch_database
 from estate.postgres import PostgresProcess
 
 PG_ADMIN_URL = os.environ.get("ESTATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -60,16 +61,8 @@ def pg_server() -> Iterator[str]:
 @pytest.fixture
 def pg_url(pg_server: str) -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for one test, dropped afterwards."""
-    name = f"estate_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(driver_url(pg_server), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = pg_server.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_database(pg_server, "estate_test") as url:
+        yield url
 
 
 @pytest.fixture
