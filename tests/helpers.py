@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, select
 from estate.db.models import CommandRow, DeviceRow, ReadingRow
 from estate.db.store import register_device
 from estate.device_wire import TopicKind, Topics
-from estate.messages import GetActors, GetStats
+from estate.messages import GetActors, GetBoardState, GetStats, PauseReadings
 from estate.mqtt_client import BrokerEndpoint
 
 T = TypeVar("T")
@@ -155,3 +155,24 @@ def mqtt_stats(gateway: Any) -> dict[str, Any]:
 
 def device_ref(gateway: Any, device_id: str) -> Any:
     return actor_refs(gateway).get(f"device:{device_id}")
+
+
+# -- simulated boards -------------------------------------------------------------------
+
+
+def board_state(ref: Any) -> dict[str, Any]:
+    """A simulated board's state, asked of its actor."""
+    return ref.ask(GetBoardState(), timeout=10)
+
+
+def quiesce(boards: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Pause every board and wait for its last PUBACK: seqs the broker accepted, by device."""
+    for ref in boards.values():
+        ref.tell(PauseReadings(True))
+    time.sleep(0.2)  # a reading already being sent
+    wait_for(
+        lambda: all(board_state(ref)["in_flight"] == 0 for ref in boards.values()),
+        10,
+        "the boards' last PUBACKs",
+    )
+    return {device_id: board_state(ref)["accepted"] for device_id, ref in boards.items()}

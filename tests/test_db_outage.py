@@ -18,9 +18,11 @@ import pykka
 import pytest
 from helpers import (
     RawClient,
+    board_state,
     clear_retained,
     core_ref,
     mqtt_stats,
+    quiesce,
     register,
     stored_seqs,
     wait_for,
@@ -30,7 +32,7 @@ from actors.gateway import Gateway
 from actors.simulated_board import SimulatedBoard
 from estate.db.engine import upgrade
 from estate.device_wire import TopicKind, Topics
-from estate.messages import GetBoardState, GetStats, PauseReadings
+from estate.messages import GetStats
 from estate.postgres import PostgresProcess
 
 pytestmark = pytest.mark.integration
@@ -39,25 +41,8 @@ BOARDS = ("H001", "H002", "H003")
 OUTAGE = 3.0
 
 
-def board_state(ref: pykka.ActorRef[Any]) -> dict[str, Any]:
-    return ref.ask(GetBoardState(), timeout=10)
-
-
 def db_stats(gateway: Gateway) -> dict[str, Any]:
     return core_ref(gateway, "db").ask(GetStats(), timeout=10)
-
-
-def quiesce(boards: dict[str, pykka.ActorRef[Any]]) -> dict[str, tuple[int, ...]]:
-    """Pause every board and wait for its last PUBACK: the seqs the broker accepted."""
-    for ref in boards.values():
-        ref.tell(PauseReadings(True))
-    time.sleep(0.2)  # a reading already being sent
-    wait_for(
-        lambda: all(board_state(b)["in_flight"] == 0 for b in boards.values()),
-        10,
-        "the boards' last PUBACKs",
-    )
-    return {d: board_state(b)["accepted"] for d, b in boards.items()}
 
 
 def assert_stored_once(

@@ -17,7 +17,7 @@ from typing import Any
 import prometheus_client
 import pykka
 import pytest
-from helpers import clear_retained, mqtt_stats, register, wait_for
+from helpers import board_state, clear_retained, mqtt_stats, register, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.gateway import Gateway
@@ -27,7 +27,7 @@ from estate.cli import main
 from estate.config import Settings
 from estate.db.engine import upgrade
 from estate.embedded_broker import free_port
-from estate.messages import GetBoardState, GetHealthAddress, GetStats, PauseReadings
+from estate.messages import GetHealthAddress, GetStats, PauseReadings
 from estate.postgres import PostgresProcess
 
 pytestmark = pytest.mark.integration
@@ -188,10 +188,6 @@ def test_healthz_follows_the_database(
     pg.start()
     body = running.wait_health(200, timeout=30)
     assert body["checks"]["database"] == "ok"
-
-
-def board_state(ref: pykka.ActorRef[Any]) -> dict[str, Any]:
-    return ref.ask(GetBoardState(), timeout=10)
 
 
 def test_metrics_move_with_traffic(

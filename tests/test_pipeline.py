@@ -18,11 +18,13 @@ import pykka
 import pytest
 from helpers import (
     RawClient,
+    board_state,
     clear_retained,
     command_rows,
     device_ref,
     device_row,
     mqtt_stats,
+    quiesce,
     reading_rows,
     register,
     stored_seqs,
@@ -33,7 +35,7 @@ from helpers import (
 from actors.gateway import Gateway
 from actors.simulated_board import SimulatedBoard
 from estate.device_wire import TopicKind, Topics
-from estate.messages import GetBoardState, PauseReadings, PressBalanceKey
+from estate.messages import PauseReadings, PressBalanceKey
 
 pytestmark = pytest.mark.integration
 
@@ -109,29 +111,12 @@ def harness(
         h.stop()
 
 
-def board_state(ref: pykka.ActorRef[Any]) -> dict[str, Any]:
-    return ref.ask(GetBoardState(), timeout=10)
-
-
 def wait_streaming(ref: pykka.ActorRef[Any], readings: int, timeout: float = 15) -> None:
     wait_for(
         lambda: board_state(ref)["connected"] and len(board_state(ref)["accepted"]) >= readings,
         timeout,
         f"{readings} accepted readings",
     )
-
-
-def quiesce(boards: dict[str, pykka.ActorRef[Any]]) -> dict[str, tuple[int, ...]]:
-    """Pause every board and wait for its last PUBACK: seqs the broker accepted, by device."""
-    for ref in boards.values():
-        ref.tell(PauseReadings(True))
-    time.sleep(0.2)  # a reading already being sent
-    wait_for(
-        lambda: all(board_state(ref)["in_flight"] == 0 for ref in boards.values()),
-        10,
-        "the boards' last PUBACKs",
-    )
-    return {device_id: board_state(ref)["accepted"] for device_id, ref in boards.items()}
 
 
 def wait_stored(h: Harness, accepted: dict[str, tuple[int, ...]], timeout: float = 15) -> None:

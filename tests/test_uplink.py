@@ -19,7 +19,7 @@ from typing import Any
 
 import pykka
 import pytest
-from helpers import RawClient, clear_retained, command_rows, wait_for
+from helpers import RawClient, board_state, clear_retained, command_rows, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,7 +29,7 @@ from actors.testing import DeviceHarness, gateway_uplink
 from estate.board import Board, PublishPower, StreamChanged, StreamRefused
 from estate.db.store import register_device
 from estate.device_wire import BoardReading, Instruction
-from estate.messages import DeviceRecord, GetBoardState, GetStats
+from estate.messages import DeviceRecord, GetStats
 from estate.mosquitto import MosquittoProcess
 from estate.types import CentralId, DeviceId, DevicePk
 from estate.uplink_wire import (
@@ -337,10 +337,6 @@ class UplinkHarness:
         if self.gateway is not None:
             self.gateway.stop()
         clear_retained(self.broker_url, self.hub, self.pks)
-
-
-def board_state(ref: pykka.ActorRef[Any]) -> dict[str, Any]:
-    return ref.ask(GetBoardState(), timeout=10)
 
 
 @pytest.fixture
