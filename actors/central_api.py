@@ -12,13 +12,18 @@ batch at a time: the DbWriter hands it the next batch, it posts it, and only the
 tells the DbWriter the batch is relayed. A failed batch is resent with the same
 `batch_id` after a backoff with jitter; a central without `/readings` (404) is warned
 about once and tried again every few minutes. No reading is dropped unrelayed.
+
+It tells the central of each accepted consumption (`token_consumption`, with the
+transaction hash and the new balance), in order; while the central is down these
+wait in memory (at most NOTIFICATIONS_MAX, the oldest dropped first) and are retried
+with backoff. The ledger in the database keeps every consumption regardless.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +47,7 @@ from estate.messages import (
     DeviceActivityChanged,
     GetStats,
     MarkRelayed,
+    NotifyConsumption,
     NotifyShutdown,
     PeersChanged,
     PruneRelayed,
@@ -57,6 +63,8 @@ TICK = 1.0
 NO_READINGS_ENDPOINT_RETRY = 300.0
 """Seconds before asking again a central that answered 404 to `/readings`."""
 PRUNE_PERIOD = 3600.0
+NOTIFICATIONS_MAX = 10_000
+"""Consumption notifications kept while the central is down, at most."""
 
 
 class Backoff:
@@ -111,6 +119,9 @@ class CentralApi(EstateActor):
         self.relay_backoff = Backoff()
         self.warned_no_endpoint = False
         self.next_prune = 0.0
+        self.consumptions: deque[NotifyConsumption] = deque(maxlen=NOTIFICATIONS_MAX)
+        self.consumption_retry_at = 0.0
+        self.consumption_backoff = Backoff()
         self.counts: Counter[str] = Counter()
         self.error_log = RateLimitedLog(self.log, interval=60.0)
 
@@ -139,6 +150,7 @@ class CentralApi(EstateActor):
         if now >= self.next_sync:
             self._sync(now)
         self._report_activity(now)
+        self._report_consumptions(now)
         self._relay(now)
         if now >= self.next_prune and "db" in self.peers:
             self.next_prune = now + PRUNE_PERIOD
@@ -200,6 +212,42 @@ class CentralApi(EstateActor):
             self.activity_backoff.succeeded()
             self.reported[device_id] = active
             del self.pending[device_id]
+
+    # -- consumption -----------------------------------------------------------------------
+
+    @handles(NotifyConsumption)
+    def _consumption(self, message: NotifyConsumption) -> None:
+        if len(self.consumptions) == self.consumptions.maxlen:
+            self.counts["consumptions_dropped"] += 1
+        self.consumptions.append(message)
+        self._report_consumptions(self.clock())
+
+    def _report_consumptions(self, now: float) -> None:
+        if not self.consumptions or now < self.consumption_retry_at:
+            return
+        assert self.client is not None
+        while self.consumptions:
+            note = self.consumptions[0]
+            try:
+                self.client.token_consumption(note.device_id, note.tx_hash, note.balance)
+            except CentralUnavailable as exc:
+                delay = self.consumption_backoff.failed()
+                self.consumption_retry_at = now + delay
+                self._unreachable(exc, f"{len(self.consumptions)} consumptions wait")
+                return
+            except CentralRejected as exc:
+                self.counts["consumptions_rejected"] += 1
+                self.log.warning(
+                    "central refused the consumption of %s in %s: %s",
+                    note.device_id,
+                    note.tx_hash,
+                    exc,
+                )
+            else:
+                self.counts["consumptions"] += 1
+                self._reachable()
+            self.consumption_backoff.succeeded()
+            self.consumptions.popleft()
 
     # -- relay -----------------------------------------------------------------------------
 
@@ -280,6 +328,7 @@ class CentralApi(EstateActor):
             "central": mask_url(self.url),
             "reachable": self.reachable,
             "pending_activations": len(self.pending),
+            "pending_consumptions": len(self.consumptions),
             "relay_batch_waiting": self.batch is not None,
             **self.counts,
         }

@@ -13,8 +13,21 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from actors.base import EstateActor, Ticker, handles, tell_if_alive
 from estate.db.engine import make_engine
+from estate.db.ledger import (
+    ChainTransaction,
+    LedgerEntry,
+    get_cursor,
+    ledger_summary,
+    pending_entries,
+    record_balances,
+    record_submission,
+    reject_entries,
+    set_cursor,
+    settle,
+    submitted_transactions,
+)
 from estate.db.outbox import OutboxState, claim_batch, mark_sent, outbox_state, prune_relayed
-from estate.db.store import apply_central_devices, load_devices, write_batch
+from estate.db.store import Charging, apply_central_devices, load_devices, write_batch
 from estate.logs import RateLimitedLog
 from estate.messages import (
     AckMessages,
@@ -22,17 +35,28 @@ from estate.messages import (
     ClaimRelayBatch,
     DevicesLoaded,
     FlushDue,
+    GetChainCursor,
+    GetLedgerSummary,
     GetOutboxState,
+    GetPendingLedger,
     GetStats,
+    GetSubmittedTransactions,
+    LedgerChanged,
     LoadDevices,
     MarkRelayed,
     PeersChanged,
     ProbeDatabase,
     PruneRelayed,
+    RecordBalances,
     RecordCommand,
+    RecordCutOff,
     RecordDeviceState,
+    RecordSubmission,
+    RejectLedgerEntries,
     RelayBatchReady,
     RelayOutboxIdle,
+    SetChainCursor,
+    SettleTransaction,
     StoreReading,
 )
 
@@ -58,6 +82,12 @@ class DbWriter(EstateActor):
     transaction, and those still refused are logged, counted (`rejected_by_db`,
     `states_rejected_by_db`, `commands_rejected_by_db`) and dropped; their readings are
     acknowledged all the same, since a redelivery would be refused again.
+
+    With `charging` (token accounting on), the flush that stores a consumer's readings
+    also fills its energy accumulator and records a pending ledger entry for each full
+    token's worth (estate/db/store.py); the `signer` peer is then told LedgerChanged.
+    The signer's ledger requests (asked, with a timeout) each run in a transaction of
+    their own and answer only after the commit.
     """
 
     kind = "db"
@@ -70,6 +100,7 @@ class DbWriter(EstateActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         peers: PeersChanged | None = None,
         name: str = "db",
+        charging: Charging | None = None,
     ) -> None:
         super().__init__(name, supervisor)
         self.database_url, self.batch_max, self.flush_interval = (
@@ -82,6 +113,8 @@ class DbWriter(EstateActor):
         self.readings: list[StoreReading] = []
         self.states: list[RecordDeviceState] = []
         self.commands: list[RecordCommand] = []
+        self.cut_offs: list[RecordCutOff] = []
+        self.charging = charging
         self.oldest: float | None = None
         self.retry_at = 0.0
         self.failures = 0
@@ -126,6 +159,11 @@ class DbWriter(EstateActor):
         self._pending()
         self.commands.append(command)
 
+    @handles(RecordCutOff)
+    def _cut_off(self, cut_off: RecordCutOff) -> None:
+        self._pending()
+        self.cut_offs.append(cut_off)
+
     @handles(FlushDue)
     def _flush_due(self, _message: FlushDue) -> None:
         if self.oldest is not None and time.monotonic() - self.oldest >= self.flush_interval:
@@ -156,7 +194,7 @@ class DbWriter(EstateActor):
             return
         if removed:
             self.log.info("%d devices removed at the central marked removed", removed)
-        tell_if_alive(request.reply_to, DevicesLoaded(devices))
+        tell_if_alive(request.reply_to, DevicesLoaded(devices, synced=True))
 
     # -- the relay outbox ------------------------------------------------------------------
 
@@ -225,12 +263,14 @@ class DbWriter(EstateActor):
         """Write what waits, `batch_max` readings a transaction; ack each after its commit."""
         if self.engine is None or time.monotonic() < self.retry_at:
             return
-        while self.readings or self.states or self.commands:
+        while self.readings or self.states or self.commands or self.cut_offs:
             batch = self.readings[: self.batch_max]
             started = time.perf_counter()
             try:
                 with self.engine.begin() as conn:
-                    inserted = write_batch(conn, batch, self.states, self.commands)
+                    written = write_batch(
+                        conn, batch, self.states, self.commands, self.cut_offs, self.charging
+                    )
             except DATA_ERRORS as exc:
                 self.log.warning(
                     "database refused a flush of %d readings, %d states, %d commands (%s); "
@@ -251,10 +291,10 @@ class DbWriter(EstateActor):
             self.counts["flushes"] += 1
             self.counts["flush_seconds_total"] += self.last_flush_seconds
             self.counts["batch_readings_total"] += len(batch)
-            self._count_written(len(batch), inserted)
+            self._count_written(len(batch), written.inserted, written.charged)
             self._writable()
             del self.readings[: len(batch)]
-            self.states, self.commands = [], []
+            self.states, self.commands, self.cut_offs = [], [], []
             self._acknowledge(batch)
         self.oldest = None
 
@@ -271,12 +311,12 @@ class DbWriter(EstateActor):
             for reading in batch:
                 try:
                     with self.engine.begin() as conn:
-                        inserted = write_batch(conn, [reading])
+                        written = write_batch(conn, [reading], charging=self.charging)
                 except DATA_ERRORS as exc:
                     self.counts["rejected_by_db"] += 1
                     refused.setdefault((reading.device_pk, _short(exc)), []).append(reading.seq)
                 else:
-                    self._count_written(1, inserted)
+                    self._count_written(1, written.inserted, written.charged)
                 done += 1
             while self.states:
                 self._write_one(self.states[0])
@@ -284,6 +324,9 @@ class DbWriter(EstateActor):
             while self.commands:
                 self._write_one(self.commands[0])
                 self.commands.pop(0)
+            while self.cut_offs:
+                self._write_one(self.cut_offs[0])
+                self.cut_offs.pop(0)
         except SQLAlchemyError as exc:
             self._failed(exc)
             return False
@@ -303,28 +346,34 @@ class DbWriter(EstateActor):
         self._writable()
         return True
 
-    def _write_one(self, item: RecordDeviceState | RecordCommand) -> None:
-        """One device state or command in its own transaction; log and count a refusal."""
+    def _write_one(self, item: RecordDeviceState | RecordCommand | RecordCutOff) -> None:
+        """One device state, command or cut-off in its own transaction; log a refusal."""
         assert self.engine is not None
-        is_state = isinstance(item, RecordDeviceState)
+        kind = {
+            RecordDeviceState: ("states", "device state"),
+            RecordCommand: ("commands", "command"),
+            RecordCutOff: ("cut_offs", "cut-off"),
+        }[type(item)]
         try:
             with self.engine.begin() as conn:
-                write_batch(conn, (), [item] if is_state else [], [] if is_state else [item])
+                write_batch(conn, (), **{kind[0]: [item]})  # type: ignore[arg-type]
         except DATA_ERRORS as exc:
             reason = _short(exc)
         else:
             return
-        self.counts["states_rejected_by_db" if is_state else "commands_rejected_by_db"] += 1
+        self.counts[f"{kind[0]}_rejected_by_db"] += 1
         self.log.error(
-            "database refused a %s of device pk %s: %s; dropped",
-            "device state" if is_state else "command",
-            item.device_pk,
-            reason,
+            "database refused a %s of device pk %s: %s; dropped", kind[1], item.device_pk, reason
         )
 
-    def _count_written(self, readings: int, inserted: int) -> None:
+    def _count_written(self, readings: int, inserted: int, charged: int = 0) -> None:
         self.counts["stored"] += inserted
         self.counts["duplicates"] += readings - inserted
+        if charged:
+            self.counts["ledger_entries"] += charged
+            signer = self.peers.get("signer")
+            if signer is not None:
+                tell_if_alive(signer, LedgerChanged())
 
     def _writable(self) -> None:
         if self.failures:
@@ -352,6 +401,85 @@ class DbWriter(EstateActor):
             delay,
             _short(exc),
         )
+
+    # -- the token ledger (asked by the StarknetSigner) -------------------------------------
+
+    @handles(GetPendingLedger)
+    def _pending_ledger(self, request: GetPendingLedger) -> tuple[LedgerEntry, ...]:
+        assert self.engine is not None
+        self.flush()  # entries of readings still waiting here are committed first
+        with self.engine.connect() as conn:
+            return pending_entries(conn, request.limit)
+
+    @handles(GetSubmittedTransactions)
+    def _submitted(self, _message: GetSubmittedTransactions) -> tuple[ChainTransaction, ...]:
+        assert self.engine is not None
+        with self.engine.connect() as conn:
+            return submitted_transactions(conn)
+
+    @handles(RecordSubmission)
+    def _record_submission(self, message: RecordSubmission) -> None:
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            record_submission(
+                conn,
+                message.tx_hash,
+                message.nonce,
+                message.payload,
+                message.entry_ids,
+                datetime.now(UTC),
+            )
+
+    @handles(SettleTransaction)
+    def _settle(self, message: SettleTransaction) -> tuple[LedgerEntry, ...]:
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            return settle(
+                conn,
+                message.tx_hash,
+                message.outcome,
+                datetime.now(UTC),
+                message.block_number,
+                message.reason,
+            )
+
+    @handles(RejectLedgerEntries)
+    def _reject(self, message: RejectLedgerEntries) -> int:
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            return reject_entries(conn, message.entry_ids, message.reason, datetime.now(UTC))
+
+    @handles(RecordBalances)
+    def _balances(self, message: RecordBalances) -> None:
+        assert self.engine is not None
+        try:
+            with self.engine.begin() as conn:
+                record_balances(conn, message.balances, datetime.now(UTC))
+        except SQLAlchemyError as exc:
+            # the next refresh stores them again; the boards were told already
+            self.error_log.warning("balances", "cannot store balances: %s", _short(exc))
+
+    @handles(GetChainCursor)
+    def _get_cursor(self, message: GetChainCursor) -> int | None:
+        assert self.engine is not None
+        with self.engine.connect() as conn:
+            return get_cursor(conn, message.name)
+
+    @handles(SetChainCursor)
+    def _set_cursor(self, message: SetChainCursor) -> None:
+        assert self.engine is not None
+        try:
+            with self.engine.begin() as conn:
+                set_cursor(conn, message.name, message.block_number, datetime.now(UTC))
+        except SQLAlchemyError as exc:
+            # events since the stored cursor are read again: a balance refresh is idempotent
+            self.error_log.warning("cursor", "cannot store the event cursor: %s", _short(exc))
+
+    @handles(GetLedgerSummary)
+    def _ledger_summary(self, _message: GetLedgerSummary) -> dict[str, int]:
+        assert self.engine is not None
+        with self.engine.connect() as conn:
+            return ledger_summary(conn)
 
     @handles(ProbeDatabase)
     def _probe(self, _message: ProbeDatabase) -> tuple[bool, str]:

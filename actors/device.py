@@ -12,13 +12,17 @@ import pykka
 
 from actors.base import EstateActor, handles
 from estate.board import (
+    DEFAULT_POLICY,
     DEFAULT_TIMING,
     ActivityChanged,
     Board,
+    BoardPolicy,
     BoardTiming,
+    CutOffChanged,
     Effect,
     PublishPower,
     Repeat,
+    RequestBalance,
     SendCommand,
     StateChanged,
     Store,
@@ -29,6 +33,8 @@ from estate.device_wire import TopicKind, Topics, format_command
 from estate.messages import (
     AckMessages,
     AckToken,
+    BalanceChanged,
+    BalanceRefreshFailed,
     BoardSaidHello,
     BoardSentReading,
     BoardStatusChanged,
@@ -38,7 +44,9 @@ from estate.messages import (
     PeersChanged,
     PublishMessage,
     RecordCommand,
+    RecordCutOff,
     RecordDeviceState,
+    RefreshBalance,
     SendInstruction,
     StartPowerStream,
     StopPowerStream,
@@ -66,6 +74,10 @@ class DeviceActor(EstateActor):
     and so does the board going offline (silence or its `offline` status); a restart of
     this actor ends it too (the central asks again). A board without a central id cannot
     stream: the request is logged and ignored.
+
+    With token accounting (`policy.tokens`) it asks the `signer` peer for the balance
+    when the owner presses the balance key (RefreshBalance), tells the board each
+    BalanceChanged, and records a prepaid cut-off in the `db` peer (RecordCutOff).
     """
 
     kind = "device"
@@ -78,9 +90,10 @@ class DeviceActor(EstateActor):
         timing: BoardTiming = DEFAULT_TIMING,
         supervisor: pykka.ActorRef[Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        policy: BoardPolicy = DEFAULT_POLICY,
     ) -> None:
         super().__init__(f"device:{record.device_id}", supervisor)
-        self.board = Board(record, timing)
+        self.board = Board(record, timing, policy)
         self.command_topic = topics.of(record.device_id, TopicKind.COMMAND)
         central_id, uplink_topics = record.central_id, UplinkTopics(topics.hub)
         self.power_topic = None if central_id is None else uplink_topics.power(central_id)
@@ -118,6 +131,17 @@ class DeviceActor(EstateActor):
     def _stop_stream(self, _message: StopPowerStream) -> None:
         self._apply(self.board.stop_stream())
 
+    @handles(BalanceChanged)
+    def _balance_changed(self, message: BalanceChanged) -> None:
+        self._apply(self.board.balance_changed(message.balance, message.reason, self.clock()))
+
+    @handles(BalanceRefreshFailed)
+    def _balance_refresh_failed(self, message: BalanceRefreshFailed) -> None:
+        self.log.warning(
+            "%s: balance refresh failed: %s", self.board.record.device_id, message.reason
+        )
+        self._apply(self.board.balance_refresh_failed(self.clock()))
+
     @handles(GetDeviceState)
     def _state(self, _message: GetDeviceState) -> dict[str, object]:
         return self.board.snapshot()
@@ -145,6 +169,15 @@ class DeviceActor(EstateActor):
                 self._tell(
                     "central", DeviceActivityChanged(self.board.record.device_id, effect.active)
                 )
+            elif isinstance(effect, RequestBalance):
+                self._request_balance()
+            elif isinstance(effect, CutOffChanged):
+                self.log.info(
+                    "%s: load %s",
+                    self.board.record.device_id,
+                    "cut off (no tokens)" if effect.cut_off else "no longer cut off",
+                )
+                self._tell("db", RecordCutOff(pk, effect.cut_off))
             elif isinstance(effect, PublishPower):
                 self._publish_power(effect)
             elif isinstance(effect, StreamChanged):
@@ -158,6 +191,15 @@ class DeviceActor(EstateActor):
                 self.log.warning(
                     "%s: power stream not started: %s", self.board.record.device_id, effect.reason
                 )
+
+    def _request_balance(self) -> None:
+        if "signer" not in self.peers:
+            self.log.warning(
+                "%s: no signer to refresh the balance; answering the cached one", self.name
+            )
+            self._apply(self.board.balance_refresh_failed(self.clock()))
+            return
+        self._tell("signer", RefreshBalance(self.board.record.device_id))
 
     def _publish_power(self, effect: PublishPower) -> None:
         if self.power_topic is None or "uplink" not in self.peers:

@@ -17,11 +17,14 @@ from actors.debug import DebugActor
 from actors.device import DeviceActor
 from actors.health import HealthServer
 from actors.mqtt_connection import MqttConnection
+from actors.starknet_signer import StarknetSigner
 from actors.uplink import UplinkConnection, uplink_endpoint
-from estate.board import BoardTiming
+from estate.board import BoardPolicy, BoardTiming
 from estate.config import Settings
+from estate.db.store import Charging
 from estate.device_wire import Instruction, Topics
 from estate.messages import (
+    AccountsChanged,
     ActorFailed,
     ActorInfo,
     CentralRoutesChanged,
@@ -37,6 +40,7 @@ from estate.messages import (
     RoutesChanged,
     SendInstruction,
     Tick,
+    TokenAccount,
 )
 from estate.mqtt_client import BrokerEndpoint
 from estate.types import CentralId, DeviceId
@@ -95,6 +99,10 @@ class Supervisor(EstateActor):
             integration_max_gap=settings.integration_max_gap,
         )
         self.policy = policy or RestartPolicy()
+        self.board_policy = BoardPolicy(
+            tokens=settings.tokens_enabled, prepaid_cutoff=settings.prepaid_cutoff
+        )
+        self.records: dict[DeviceId, Any] = {}
         self.clock = clock
         self.core: dict[str, pykka.ActorRef[Any]] = {}
         self.devices: dict[DeviceId, pykka.ActorRef[Any]] = {}
@@ -111,6 +119,13 @@ class Supervisor(EstateActor):
         self.core["mqtt"] = self._start_core("mqtt")
         if self.settings.central_url is not None:
             self.core["central"] = self._start_core("central")
+        if self.settings.tokens_enabled:
+            self.core["signer"] = self._start_core("signer")
+        else:
+            self.log.info(
+                "token accounting off (STARKNET_RPC_URL is unset): energy is measured and "
+                "stored, nobody is charged"
+            )
         if self.settings.central_url is not None or self.settings.uplink_mqtt_url is not None:
             self.core["uplink"] = self._start_core("uplink")
         if self.settings.health_address is not None:
@@ -140,6 +155,8 @@ class Supervisor(EstateActor):
             _join(ref)
         if "db" in self.core:
             _join(self.core["db"])  # the final flush, and acks to the still running MQTT
+        if "signer" in self.core:
+            _join(self.core["signer"])  # after the writer's final flush recorded its entries
         if "central" in self.core:
             try:
                 self.core["central"].ask(NotifyShutdown(), timeout=SHUTDOWN_CALL_TIMEOUT)
@@ -152,16 +169,22 @@ class Supervisor(EstateActor):
 
     def _start_core(self, role: str) -> pykka.ActorRef[Any]:
         if role == "db":
+            charging = (
+                Charging(self.settings.wh_per_token) if self.settings.tokens_enabled else None
+            )
             return DbWriter.start(
                 self.settings.database_url,
                 self.settings.db_batch_max,
                 self.settings.db_flush_interval,
                 supervisor=self.actor_ref,
+                charging=charging,
             )
         if role == "mqtt":
             return MqttConnection.start(self.endpoint, self.topics, supervisor=self.actor_ref)
         if role == "central":
             return CentralApi.start(self.settings, self.actor_ref, self._peers())
+        if role == "signer":
+            return StarknetSigner.start(self.settings, self.actor_ref, self._peers())
         if role == "uplink":
             endpoint = uplink_endpoint(self.settings, self.endpoint.url)
             return UplinkConnection.start(endpoint, self.settings.hub_name, self.actor_ref)
@@ -203,14 +226,32 @@ class Supervisor(EstateActor):
                 _join(self.devices.pop(device_id))
             if device_id not in self.devices:
                 self.devices[device_id] = DeviceActor.start(
-                    record, self.topics, self._peers(), self.timing, supervisor=self.actor_ref
+                    record,
+                    self.topics,
+                    self._peers(),
+                    self.timing,
+                    supervisor=self.actor_ref,
+                    policy=self.board_policy,
                 )
                 self.central_ids[device_id] = record.central_id
                 changed = True
+        self.records = {d: wanted[d] for d in self.devices}
         if changed:
             self.log.info("%d devices known", len(self.devices))
             self.routes_sent = tell_if_alive(self.core["mqtt"], RoutesChanged(self.devices))
             self._send_central_routes()
+        if changed or message.synced:
+            self._send_accounts()
+
+    def _send_accounts(self) -> None:
+        """The signer follows the balances of the boards' owners (re-read after a sync)."""
+        if "signer" in self.core:
+            accounts = tuple(
+                TokenAccount(d, record.pk, record.account_address, self.devices[d])
+                for d, record in sorted(self.records.items())
+                if record.account_address
+            )
+            tell_if_alive(self.core["signer"], AccountsChanged(accounts))
 
     def _send_central_routes(self) -> None:
         """The uplink routes the central's commands by the central's device ids."""
@@ -272,6 +313,8 @@ class Supervisor(EstateActor):
             tell_if_alive(self.core["mqtt"], RoutesChanged(self.devices))
         elif message.name == "uplink":
             self._send_central_routes()
+        elif message.name == "signer":
+            self._send_accounts()
         elif message.name == "db":
             # The readings the dead writer held are unacknowledged and come again after a
             # reconnect; the device actors counted their energy already, so they restart

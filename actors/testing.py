@@ -7,6 +7,16 @@ For the project's tests and for users testing their own estate logic:
         board.reading(current=0.42, voltage=12.1, seq=1)
         board.advance(5); board.tick()
         assert board.commands() == ["5,1", "5,1"]
+
+With token accounting the balance key goes to the `signer` peer, and its answer is
+told back by hand:
+
+    with DeviceHarness("H001", balance=5, policy=BoardPolicy(tokens=True)) as board:
+        board.hello()
+        board.reading(current=0.42, voltage=12.1, seq=1, update=True)
+        assert board.signer_messages() == [RefreshBalance("H001")]
+        board.balance(4, reason="update")
+        assert board.commands() == ["5,1", "4,3"]
 """
 
 from __future__ import annotations
@@ -21,10 +31,12 @@ import pykka
 from actors.base import EstateActor
 from actors.device import DeviceActor
 from actors.introspection import Introspection
-from estate.board import DEFAULT_TIMING, BoardTiming
+from estate.board import DEFAULT_POLICY, DEFAULT_TIMING, BoardPolicy, BoardTiming
 from estate.device_wire import BoardReading, Instruction, Topics, payload_digest
 from estate.messages import (
     AckToken,
+    BalanceChanged,
+    BalanceRefreshFailed,
     BoardSaidHello,
     BoardSentReading,
     BoardStatusChanged,
@@ -35,6 +47,7 @@ from estate.messages import (
     PeersChanged,
     PublishMessage,
     RecordCommand,
+    RecordCutOff,
     RecordDeviceState,
     SendInstruction,
     StartPowerStream,
@@ -82,7 +95,8 @@ class ManualClock:
 
 
 class DeviceHarness:
-    """One DeviceActor wired to Recorder peers, with a manual clock."""
+    """One DeviceActor wired to Recorder peers (`mqtt`, `db`, `uplink`, `signer`), with a
+    manual clock."""
 
     def __init__(
         self,
@@ -92,6 +106,8 @@ class DeviceHarness:
         hub: str = "estate",
         timing: BoardTiming = DEFAULT_TIMING,
         central_id: int | None = None,
+        policy: BoardPolicy = DEFAULT_POLICY,
+        load_cut_off: bool = False,
     ) -> None:
         self.record = DeviceRecord(
             pk=DevicePk(1),
@@ -99,26 +115,33 @@ class DeviceHarness:
             connection_type=connection_type,
             central_id=None if central_id is None else CentralId(central_id),
             balance=balance,
+            load_cut_off=load_cut_off,
         )
-        self.topics, self.timing = Topics(hub), timing
+        self.topics, self.timing, self.policy = Topics(hub), timing, policy
         self.clock = ManualClock()
         self._mid = 0
         self.mqtt: pykka.ActorRef[Any] | None = None
         self.db: pykka.ActorRef[Any] | None = None
         self.uplink: pykka.ActorRef[Any] | None = None
+        self.signer: pykka.ActorRef[Any] | None = None
         self.device: pykka.ActorRef[Any] | None = None
 
     def __enter__(self) -> DeviceHarness:
         self.mqtt, self.db = Recorder.start("mqtt"), Recorder.start("db")
-        self.uplink = Recorder.start("uplink")
-        peers = PeersChanged({"mqtt": self.mqtt, "db": self.db, "uplink": self.uplink})
+        self.uplink, self.signer = Recorder.start("uplink"), Recorder.start("signer")
+        roles = {"mqtt": self.mqtt, "db": self.db, "uplink": self.uplink, "signer": self.signer}
         self.device = DeviceActor.start(
-            self.record, self.topics, peers, self.timing, clock=self.clock
+            self.record,
+            self.topics,
+            PeersChanged(roles),
+            self.timing,
+            clock=self.clock,
+            policy=self.policy,
         )
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        for ref in (self.device, self.mqtt, self.db, self.uplink):
+        for ref in (self.device, self.mqtt, self.db, self.uplink, self.signer):
             if ref is not None and ref.is_alive():
                 ref.stop()
 
@@ -176,12 +199,26 @@ class DeviceHarness:
     def stop_stream(self) -> None:
         self._tell_and_wait(StopPowerStream())
 
+    # -- what the signer says --------------------------------------------------------------
+
+    def balance(self, n: int, reason: str = "sync", tx_hash: str | None = None) -> None:
+        """The owner's balance as the StarknetSigner read it on chain."""
+        self._tell_and_wait(BalanceChanged(n, reason, tx_hash))
+
+    def refresh_failed(self, reason: str = "test") -> None:
+        self._tell_and_wait(BalanceRefreshFailed(reason))
+
     # -- what the actor did ----------------------------------------------------------------
 
     def uplink_published(self) -> list[PublishMessage]:
         """What the actor asked the uplink to publish (its power stream)."""
         assert self.uplink is not None
         return list(self.uplink.ask(GetRecorded(), timeout=ASK_TIMEOUT))
+
+    def signer_messages(self) -> list[Any]:
+        """What the actor told the signer (RefreshBalance)."""
+        assert self.signer is not None
+        return list(self.signer.ask(GetRecorded(), timeout=ASK_TIMEOUT))
 
     def state(self) -> dict[str, Any]:
         return self._ask(GetDeviceState())
@@ -206,6 +243,9 @@ class DeviceHarness:
 
     def recorded_states(self) -> list[RecordDeviceState]:
         return self._written(RecordDeviceState)
+
+    def recorded_cut_offs(self) -> list[RecordCutOff]:
+        return self._written(RecordCutOff)
 
 
 # -- the uplink beside a running gateway --------------------------------------------------

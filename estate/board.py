@@ -15,13 +15,17 @@ from estate.energy import EnergyIntegrator
 from estate.messages import DeviceRecord, StoreReading
 
 __all__ = [
+    "DEFAULT_POLICY",
     "DEFAULT_TIMING",
     "ActivityChanged",
     "Board",
+    "BoardPolicy",
     "BoardTiming",
+    "CutOffChanged",
     "Effect",
     "PublishPower",
     "Repeat",
+    "RequestBalance",
     "SendCommand",
     "StateChanged",
     "Store",
@@ -45,6 +49,20 @@ class BoardTiming:
     """How often `tick` is called; keep-alives go out early enough not to miss a period."""
     power_stream_interval: float = 3.0
     """Seconds between two power values of a live stream to the central (PROTOCOL 3)."""
+
+
+@attrs.frozen
+class BoardPolicy:
+    """What the gateway does with the board's SCT balance."""
+
+    tokens: bool = False
+    """Token accounting is on (a StarknetSigner exists): the balance key refreshes it."""
+    prepaid_cutoff: bool = True
+    """With `tokens`: switch a consumer's load off at a balance of 0, on again when it grows."""
+    toggle_settle: float = 5.0
+    """Seconds to wait for a reading showing that a toggle took effect before toggling again."""
+    refresh_timeout: float = 5.0
+    """Seconds to wait for a refreshed balance before answering the board with the cached one."""
 
 
 @attrs.frozen
@@ -100,6 +118,18 @@ class StreamRefused:
     reason: str
 
 
+@attrs.frozen
+class RequestBalance:
+    """Ask the StarknetSigner for the owner's balance now (answered by `balance_changed`)."""
+
+
+@attrs.frozen
+class CutOffChanged:
+    """The gateway switched the load off for want of tokens (True), or that ended (False)."""
+
+    cut_off: bool
+
+
 Effect = (
     SendCommand
     | Store
@@ -109,17 +139,29 @@ Effect = (
     | StreamChanged
     | StreamRefused
     | Repeat
+    | RequestBalance
+    | CutOffChanged
 )
 
 DEFAULT_TIMING = BoardTiming()
+DEFAULT_POLICY = BoardPolicy()
 
 
 @attrs.define
 class Board:
-    """A board's connection, readings, energy and balance. Times: `now` is monotonic seconds."""
+    """A board's connection, readings, energy and balance. Times: `now` is monotonic seconds.
+
+    With `policy.tokens` the balance key asks for a fresh balance (RequestBalance) and is
+    answered when it comes (`balance_changed`), or with the cached balance after
+    `refresh_timeout`. With `prepaid_cutoff` too, a consumer's load is toggled off while
+    the balance is 0 or less (`cut_off`), and on again once it grows, if the gateway
+    switched it off. The load state is the `req` of a reading since the board connected;
+    after a toggle the rules wait for a reading showing it, or `toggle_settle` seconds.
+    """
 
     record: DeviceRecord
     timing: BoardTiming = DEFAULT_TIMING
+    policy: BoardPolicy = DEFAULT_POLICY
     online: bool = False
     connected: bool = False
     balance: int = 0
@@ -132,6 +174,9 @@ class Board:
     last_heard: float | None = None
     last_command: float | None = None
     last_update_answer: float | None = None
+    balance_refresh_since: float | None = None
+    """When the pending balance refresh was asked for (None: none is pending)."""
+    cut_off: bool = False
     readings: int = 0
     duplicates: int = 0
     commands: int = 0
@@ -139,12 +184,17 @@ class Board:
     last_power_sent: float | None = None
     _energy: EnergyIntegrator = attrs.field(init=False)
     _recent: dict[tuple[int, str], None] = attrs.field(init=False, factory=dict)
+    _load_seen: bool = attrs.field(init=False, default=False)
+    """A reading since the board connected showed the load state."""
+    _toggle: tuple[float, bool] | None = attrs.field(init=False, default=None)
+    """The last toggle not yet seen to take effect: when, and the load state it brings."""
 
     def __attrs_post_init__(self) -> None:
         record = self.record
         self.balance, self.load_on = record.balance, record.load_on
         self.boot, self.last_seq = record.boot, record.last_seq
         self.energy_total_wh = record.energy_total_wh
+        self.cut_off = record.load_cut_off
         # a board the database says is online must be heard from, or it goes offline
         self.online = record.status == "online"
         self._energy = EnergyIntegrator(self.timing.integration_max_gap)
@@ -178,7 +228,7 @@ class Board:
             self.energy_total_wh += energy
             self.last_reading, self.last_reading_at = reading, at
         if reading.req is not None and not redelivered:
-            self.load_on = reading.req
+            self.load_on, self._load_seen = reading.req, True
         effects.append(
             Store(
                 StoreReading(
@@ -198,10 +248,31 @@ class Board:
                 )
             )
         )
-        if reading.update and not redelivered and self._update_answer_due(now):
-            self.last_update_answer = now
-            effects.append(self._command(Instruction.BALANCE_UPDATED, "update", now))
-        return effects
+        if redelivered:
+            return effects
+        if reading.update:
+            effects += self._update_key(now)
+        return effects + self._prepaid(now)
+
+    def balance_changed(self, balance: int, reason: str, now: float) -> list[Effect]:
+        """The owner's balance as read on chain: tell the board, then apply the cut-off.
+
+        A pending refresh (the balance key) or a consumption is answered with
+        instruction 3; any other change goes out at once with instruction 1.
+        """
+        old, self.balance = self.balance, balance
+        effects: list[Effect] = []
+        if self.balance_refresh_since is not None or reason == "consumed":
+            effects += self._answer_update(reason, now)
+        elif self.connected and balance != old:
+            effects.append(self._command(Instruction.PERSIST, "balance", now))
+        return effects + self._prepaid(now)
+
+    def balance_refresh_failed(self, now: float) -> list[Effect]:
+        """The balance could not be read: answer a pending balance key with the cached one."""
+        if self.balance_refresh_since is None:
+            return []
+        return self._answer_update("update (cached balance)", now)
 
     def status(self, online: bool, now: float) -> list[Effect]:
         """The board's retained status (`offline` is its last will)."""
@@ -217,6 +288,9 @@ class Board:
         if self.online and heard is not None and now - heard >= self.timing.offline_after:
             return self._went_offline()
         effects: list[Effect] = []
+        since = self.balance_refresh_since
+        if since is not None and now - since >= self.policy.refresh_timeout:
+            effects += self._answer_update("update (cached balance)", now)
         if self.connected and self._keepalive_due(now):
             effects.append(self._command(Instruction.PERSIST, "keepalive", now))
         if self.streaming and self._power_due(now):
@@ -278,6 +352,8 @@ class Board:
             "commands": self.commands,
             "central_id": self.record.central_id,
             "streaming": self.streaming,
+            "cut_off": self.cut_off,
+            "balance_refresh_pending": self.balance_refresh_since is not None,
         }
 
     # -- rules -----------------------------------------------------------------------------
@@ -292,13 +368,13 @@ class Board:
     def _connect(self) -> list[Effect]:
         if self.connected:
             return []
-        self.connected = True
+        self.connected, self._load_seen = True, False
         return [ActivityChanged(True)]
 
     def _went_offline(self) -> list[Effect]:
         effects: list[Effect] = [ActivityChanged(False)] if self.connected else []
         effects += self.stop_stream("the board went offline")
-        self.connected = False
+        self.connected, self.balance_refresh_since = False, None
         self._energy.reset()
         if not self.online:
             return effects
@@ -346,6 +422,62 @@ class Board:
     def _update_answer_due(self, now: float) -> bool:
         last = self.last_update_answer
         return last is None or now - last >= UPDATE_ANSWER_INTERVAL
+
+    def _update_key(self, now: float) -> list[Effect]:
+        """The `update` flag: answer 3 at once, or with tokens ask for the balance first."""
+        if self.balance_refresh_since is not None or not self._update_answer_due(now):
+            return []
+        self.last_update_answer = now
+        if not self.policy.tokens:
+            return [self._command(Instruction.BALANCE_UPDATED, "update", now)]
+        self.balance_refresh_since = now
+        return [RequestBalance()]
+
+    def _answer_update(self, reason: str, now: float) -> list[Effect]:
+        """Instruction 3 with the balance (to a connected board); the refresh is over."""
+        self.balance_refresh_since = None
+        if not self.connected:
+            return []
+        self.last_update_answer = now
+        return [self._command(Instruction.BALANCE_UPDATED, reason, now)]
+
+    def _prepaid(self, now: float) -> list[Effect]:
+        """The prepaid cut-off: a consumer's load is off while the balance is 0 or less."""
+        policy = self.policy
+        applies = policy.tokens and policy.prepaid_cutoff and self.connected
+        if not (applies and self.record.connection_type == "Consumer" and self._load_seen):
+            return []
+        if self._toggling(now):
+            return []
+        if self.balance <= 0:
+            if not self.load_on:
+                return []
+            return [self._toggle_load("prepaid cut-off", now), *self._set_cut_off(True)]
+        if not self.cut_off:
+            return []  # a load the gateway did not switch off is not its to switch on
+        if self.load_on:
+            return self._set_cut_off(False)
+        return [self._toggle_load("balance restored", now)]
+
+    def _toggling(self, now: float) -> bool:
+        """A toggle was sent and no reading shows it yet, within `toggle_settle` seconds."""
+        if self._toggle is None:
+            return False
+        at, load_on = self._toggle
+        if self.load_on is load_on or now - at >= self.policy.toggle_settle:
+            self._toggle = None
+            return False
+        return True
+
+    def _toggle_load(self, reason: str, now: float) -> SendCommand:
+        self._toggle = (now, not self.load_on)
+        return self._command(Instruction.TOGGLE, reason, now)
+
+    def _set_cut_off(self, cut_off: bool) -> list[Effect]:
+        if self.cut_off is cut_off:
+            return []
+        self.cut_off = cut_off
+        return [CutOffChanged(cut_off)]
 
     def _command(self, instruction: Instruction, reason: str, now: float) -> SendCommand:
         self.last_command = now

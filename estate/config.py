@@ -282,6 +282,45 @@ class Settings:
     wh_per_token: float = _setting(
         "WH_PER_TOKEN", _number(float, 0.001, 1e9), 1000.0, doc="Wh a consumer uses per SCT"
     )
+    starknet_batch_window: float = _setting(
+        "STARKNET_BATCH_WINDOW",
+        _number(float, 0.0, 3600.0),
+        5.0,
+        doc="seconds pending consumes gather before one multicall",
+    )
+    starknet_batch_max_calls: int = _setting(
+        "STARKNET_BATCH_MAX_CALLS",
+        _number(int, 1, 1000),
+        100,
+        doc="consume calls (accounts) in one multicall at most",
+    )
+    starknet_fee_margin: float = _setting(
+        "STARKNET_FEE_MARGIN",
+        _number(float, 1.0, 10.0),
+        1.5,
+        doc="factor on the estimated gas amounts and prices of a transaction",
+    )
+    starknet_balance_concurrency: int = _setting(
+        "STARKNET_BALANCE_CONCURRENCY",
+        _number(int, 1, 64),
+        8,
+        doc="balanceOf calls in flight at once",
+    )
+    starknet_event_poll_interval: float = _setting(
+        "STARKNET_EVENT_POLL_INTERVAL",
+        _number(float, 0.1, 3600.0),
+        10.0,
+        doc="seconds between two reads of SCT's Transfer, Consume and Mint events",
+    )
+    starknet_timeout: float = _setting(
+        "STARKNET_TIMEOUT", _number(float, 0.5, 300.0), 20.0, doc="seconds an RPC call may take"
+    )
+    prepaid_cutoff: bool = _setting(
+        "PREPAID_CUTOFF",
+        _flag,
+        True,
+        doc="switch a consumer's load off while its balance is 0, back on once above",
+    )
     keepalive_interval: float = _setting(
         "KEEPALIVE_INTERVAL", _number(float, 0.5, 9.0), 5.0, doc="seconds between keep-alives"
     )
@@ -321,6 +360,11 @@ class Settings:
     repl_allow_remote: bool = _setting(
         "REPL_ALLOW_REMOTE", _flag, False, doc="allow REPL_TCP on a non-loopback address"
     )
+
+    @property
+    def tokens_enabled(self) -> bool:
+        """Token accounting is on (STARKNET_RPC_URL and its companions are set)."""
+        return self.starknet_rpc_url is not None
 
     @property
     def client_id(self) -> str:

@@ -44,6 +44,10 @@ class DeviceRecord:
     last_seq: int | None = None
     last_reading_at: datetime | None = None
     last_power: float = 0.0
+    load_cut_off: bool = False
+    """The gateway switched the load off for want of tokens (prepaid cut-off)."""
+    charge_wh: float = 0.0
+    """Energy consumed and not yet charged: less than one token's worth."""
 
 
 def frozen_mapping(items: Mapping[Any, Any]) -> Mapping[Any, Any]:
@@ -219,6 +223,8 @@ class LoadDevices:
 @attrs.frozen
 class DevicesLoaded:
     devices: tuple[DeviceRecord, ...]
+    synced: bool = False
+    """Loaded right after a sync with the central."""
 
 
 @attrs.frozen
@@ -427,3 +433,146 @@ class MqttSubscribed:
 
     generation: int
     granted: bool
+
+
+# -- tokens (Starknet) --------------------------------------------------------------------
+
+
+@attrs.frozen
+class BalanceChanged:
+    """The SCT balance of the board's owner as just read on chain, and why it was read.
+
+    `reason`: `sync` (start, device sync), `event` (a Transfer, Consume or Mint touched
+    the account), `update` (the board's balance key), `consumed` (a consumption of this
+    board was accepted, in `tx_hash`).
+    """
+
+    balance: int
+    reason: str
+    tx_hash: str | None = None
+
+
+@attrs.frozen
+class RefreshBalance:
+    """A DeviceActor asks the StarknetSigner to read its owner's balance now."""
+
+    device_id: DeviceId
+
+
+@attrs.frozen
+class BalanceRefreshFailed:
+    """The StarknetSigner could not read the balance a DeviceActor asked for."""
+
+    reason: str
+
+
+@attrs.frozen
+class RecordCutOff:
+    """The gateway switched a board's load off for want of tokens (or ended that)."""
+
+    device_pk: DevicePk
+    cut_off: bool
+
+
+@attrs.frozen
+class TokenAccount:
+    """A board whose owner's balance the StarknetSigner follows, with its actor."""
+
+    device_id: DeviceId
+    device_pk: DevicePk
+    account_address: str
+    ref: Any
+
+
+@attrs.frozen
+class AccountsChanged:
+    """The boards with an owner account (from the Supervisor after each device load)."""
+
+    accounts: tuple[TokenAccount, ...]
+
+
+@attrs.frozen
+class LedgerChanged:
+    """The DbWriter committed new pending consumptions."""
+
+
+@attrs.frozen
+class SignerTick:
+    """The StarknetSigner's clock: batch windows, receipts, event polling."""
+
+
+@attrs.frozen
+class NotifyConsumption:
+    """Tell the central (`POST /token_consumption`) that a board's tokens were consumed."""
+
+    device_id: DeviceId
+    tx_hash: str
+    balance: int
+
+
+# -- the ledger (StarknetSigner -> DbWriter; asked, with a timeout) ------------------------
+
+
+@attrs.frozen
+class GetPendingLedger:
+    """The oldest pending ledger entries (a tuple of `estate.db.ledger.LedgerEntry`)."""
+
+    limit: int = 10_000
+
+
+@attrs.frozen
+class GetSubmittedTransactions:
+    """Signed transactions not settled yet (a tuple of `estate.db.ledger.ChainTransaction`)."""
+
+
+@attrs.frozen
+class RecordSubmission:
+    """Commit a signed transaction and its entries' `submitted` state (before sending it)."""
+
+    tx_hash: str
+    nonce: int
+    payload: str
+    entry_ids: tuple[int, ...]
+
+
+@attrs.frozen
+class SettleTransaction:
+    """Settle a submitted transaction: `accepted`, `reverted` or `dropped`; answers its entries."""
+
+    tx_hash: str
+    outcome: str
+    block_number: int | None = None
+    reason: str | None = None
+
+
+@attrs.frozen
+class RejectLedgerEntries:
+    """The contract refuses these entries alone, for good."""
+
+    entry_ids: tuple[int, ...]
+    reason: str
+
+
+@attrs.frozen
+class RecordBalances:
+    """Store on-chain balances, by normalised account address, on the devices they own."""
+
+    balances: Mapping[str, int] = attrs.field(converter=frozen_mapping)
+
+
+@attrs.frozen
+class GetChainCursor:
+    """The last block whose events were processed (int or None)."""
+
+    name: str = "sct_events"
+
+
+@attrs.frozen
+class SetChainCursor:
+    block_number: int
+    name: str = "sct_events"
+
+
+@attrs.frozen
+class GetLedgerSummary:
+    """Entries and tokens by ledger state (a dict)."""

@@ -9,7 +9,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from estate.board import ActivityChanged, Board, Effect, Repeat, SendCommand, StateChanged, Store
+from estate.board import (
+    ActivityChanged,
+    Board,
+    BoardPolicy,
+    CutOffChanged,
+    Effect,
+    Repeat,
+    RequestBalance,
+    SendCommand,
+    StateChanged,
+    Store,
+)
 from estate.device_wire import BoardReading, Instruction
 from estate.messages import DeviceRecord
 from estate.types import DeviceId, DevicePk
@@ -378,3 +389,225 @@ def test_instruction_0_makes_the_board_idle_without_keepalives() -> None:
     assert commands(effects) == [SendCommand(Instruction.DISCONNECT, BALANCE, "repl")]
     assert ActivityChanged(False) in effects
     assert all(board.tick(1.0 + t) == [] for t in range(1, 9))
+
+
+# -- tokens: the balance key and balance changes ---------------------------------------------
+
+TOKENS = BoardPolicy(tokens=True)
+
+
+def token_board(now: float = 0.0, policy: BoardPolicy = TOKENS, **fields: object) -> Board:
+    board = Board(record(**fields), policy=policy)
+    board.hello(now)
+    return board
+
+
+def answers(effects: list[Effect]) -> list[SendCommand]:
+    return [c for c in commands(effects) if c.instruction is Instruction.BALANCE_UPDATED]
+
+
+def toggles(effects: list[Effect]) -> list[SendCommand]:
+    return [c for c in commands(effects) if c.instruction is Instruction.TOGGLE]
+
+
+def test_update_key_with_tokens_asks_once_then_answers_with_the_new_balance() -> None:
+    board = token_board()
+    effects = feed(board, 1.0, reading(update=True))
+    assert RequestBalance() in effects
+    assert commands(effects) == []
+    assert board.snapshot()["balance_refresh_pending"] is True
+    for now in (1.5, 2.0, 3.5):  # the flag stays set until the answer: no second request
+        assert RequestBalance() not in feed(board, now, reading(update=True))
+    effects = board.balance_changed(30, "update", 3.8)
+    assert effects == [SendCommand(Instruction.BALANCE_UPDATED, 30, "update")]
+    assert board.balance == 30
+    assert board.snapshot()["balance_refresh_pending"] is False
+
+
+def test_update_key_with_tokens_asks_again_after_the_rate_limit() -> None:
+    board = token_board()
+    feed(board, 1.0, reading(update=True))
+    board.balance_changed(30, "update", 1.2)
+    assert RequestBalance() not in feed(board, 2.0, reading(update=True))
+    assert RequestBalance() in feed(board, 3.2, reading(update=True))
+
+
+def test_a_slow_refresh_is_answered_with_the_cached_balance_after_the_timeout() -> None:
+    board = token_board()
+    feed(board, 1.0, reading(update=True))
+    assert answers(board.tick(5.9)) == []
+    effects = board.tick(6.0)
+    assert answers(effects) == [
+        SendCommand(Instruction.BALANCE_UPDATED, BALANCE, "update (cached balance)")
+    ]
+    assert board.snapshot()["balance_refresh_pending"] is False
+    assert answers(feed(board, 6.5, reading())) == []
+    assert answers(board.tick(7.0)) == []
+    # the balance arriving late still reaches the board
+    late = board.balance_changed(30, "update", 7.5)
+    assert late == [SendCommand(Instruction.PERSIST, 30, "balance")]
+
+
+def test_a_failed_refresh_is_answered_with_the_cached_balance() -> None:
+    board = token_board()
+    assert board.balance_refresh_failed(0.5) == []
+    feed(board, 1.0, reading(update=True))
+    assert board.balance_refresh_failed(1.5) == [
+        SendCommand(Instruction.BALANCE_UPDATED, BALANCE, "update (cached balance)")
+    ]
+    assert board.snapshot()["balance_refresh_pending"] is False
+
+
+def test_a_new_balance_goes_to_the_board_at_once() -> None:
+    board = token_board()
+    assert board.balance_changed(30, "event", 1.0) == [
+        SendCommand(Instruction.PERSIST, 30, "balance")
+    ]
+    assert board.balance_changed(30, "sync", 2.0) == []
+
+
+def test_a_new_balance_is_kept_for_a_board_not_connected() -> None:
+    board = Board(record(), policy=TOKENS)
+    assert board.balance_changed(30, "event", 1.0) == []
+    assert SendCommand(Instruction.PERSIST, 30, "handshake") in board.hello(2.0)
+
+
+def test_a_consumption_is_answered_with_instruction_3() -> None:
+    board = token_board()
+    assert board.balance_changed(40, "consumed", 1.0) == [
+        SendCommand(Instruction.BALANCE_UPDATED, 40, "consumed")
+    ]
+
+
+def test_tokens_off_answers_the_update_key_at_once_and_never_toggles() -> None:
+    board = connected_board(balance=0)
+    effects = feed(board, 1.0, reading(update=True, req=True))
+    assert RequestBalance() not in effects
+    assert commands(effects) == [SendCommand(Instruction.BALANCE_UPDATED, 0, "update")]
+    assert toggles(board.balance_changed(0, "consumed", 2.0)) == []
+    assert toggles(feed(board, 3.0, reading(req=True))) == []
+    assert board.cut_off is False
+
+
+# -- tokens: prepaid cut-off ---------------------------------------------------------------
+
+
+def cut_off_board(now: float = 1.0) -> Board:
+    """A consumer at balance 0 whose load the gateway toggled off at `now` (still on)."""
+    board = token_board(balance=0)
+    assert toggles(feed(board, now, reading(req=True)))
+    return board
+
+
+def test_the_balance_reaching_zero_cuts_the_load_off() -> None:
+    board = token_board(balance=1)
+    feed(board, 1.0, reading(req=True))
+    effects = board.balance_changed(0, "consumed", 2.0)
+    assert commands(effects) == [
+        SendCommand(Instruction.BALANCE_UPDATED, 0, "consumed"),
+        SendCommand(Instruction.TOGGLE, 0, "prepaid cut-off"),
+    ]
+    assert CutOffChanged(True) in effects
+    assert board.snapshot()["cut_off"] is True
+
+
+def test_a_board_connecting_at_zero_with_the_load_on_is_cut_off() -> None:
+    board = token_board(balance=0)
+    effects = feed(board, 1.0, reading(req=True))
+    assert toggles(effects) == [SendCommand(Instruction.TOGGLE, 0, "prepaid cut-off")]
+    assert CutOffChanged(True) in effects
+    assert board.cut_off
+
+
+def test_no_toggle_before_a_reading_shows_the_load() -> None:
+    board = token_board(balance=1, load_on=True)  # the database's load state may be stale
+    assert toggles(board.balance_changed(0, "event", 1.0)) == []
+    assert toggles(feed(board, 2.0, reading(req=True)))
+
+
+def test_readings_in_flight_after_a_toggle_do_not_toggle_again() -> None:
+    board = cut_off_board(1.0)
+    for now in (2.0, 3.0, 4.0, 5.9):  # sent before the board got the toggle
+        assert toggles(feed(board, now, reading(req=True))) == []
+    assert toggles(board.balance_changed(0, "event", 5.95)) == []
+    for now in (6.5, 12.0, 30.0):  # it took effect
+        assert toggles(feed(board, now, reading(req=False))) == []
+
+
+def test_a_toggle_that_did_not_take_effect_is_repeated_after_the_settle_time() -> None:
+    board = cut_off_board(1.0)
+    feed(board, 3.0, reading(req=True))
+    effects = feed(board, 6.0, reading(req=True))
+    assert toggles(effects) == [SendCommand(Instruction.TOGGLE, 0, "prepaid cut-off")]
+    assert not any(isinstance(e, CutOffChanged) for e in effects)  # still cut off
+    assert toggles(feed(board, 7.0, reading(req=True))) == []  # and settles again
+
+
+def test_the_load_switched_on_by_hand_at_zero_is_toggled_off_again() -> None:
+    board = cut_off_board(1.0)
+    feed(board, 2.0, reading(req=False))
+    effects = feed(board, 3.0, reading(req=True))
+    assert toggles(effects) == [SendCommand(Instruction.TOGGLE, 0, "prepaid cut-off")]
+    assert not any(isinstance(e, CutOffChanged) for e in effects)
+
+
+def test_a_restored_balance_switches_the_load_back_on() -> None:
+    board = cut_off_board(1.0)
+    feed(board, 2.0, reading(req=False))
+    effects = board.balance_changed(10, "event", 3.0)
+    assert commands(effects) == [
+        SendCommand(Instruction.PERSIST, 10, "balance"),
+        SendCommand(Instruction.TOGGLE, 10, "balance restored"),
+    ]
+    assert board.cut_off  # until a reading shows the load on
+    assert feed(board, 4.0, reading(req=False))[1:] == []  # in flight: nothing
+    effects = feed(board, 5.0, reading(req=True))
+    assert CutOffChanged(False) in effects
+    assert toggles(effects) == []
+    assert not board.cut_off
+    assert toggles(feed(board, 6.0, reading(req=False))) == []  # the owner's to switch now
+
+
+def test_a_balance_restored_while_the_cut_off_is_in_flight_waits_for_it() -> None:
+    board = cut_off_board(1.0)
+    assert toggles(board.balance_changed(10, "event", 1.5)) == []
+    effects = feed(board, 2.0, reading(req=True))  # in flight: the cut-off is not over
+    assert effects[1:] == []
+    assert board.cut_off
+    assert toggles(feed(board, 3.0, reading(req=False))) == [
+        SendCommand(Instruction.TOGGLE, 10, "balance restored")
+    ]
+
+
+def test_a_load_the_gateway_did_not_switch_off_is_not_switched_on() -> None:
+    board = token_board(balance=0)
+    assert toggles(feed(board, 1.0, reading(req=False))) == []
+    assert not board.cut_off
+    assert board.balance_changed(10, "event", 2.0) == [
+        SendCommand(Instruction.PERSIST, 10, "balance")
+    ]
+    assert toggles(feed(board, 3.0, reading(req=False))) == []
+
+
+def test_a_cut_off_from_before_a_restart_is_switched_back_on() -> None:
+    board = token_board(balance=0, load_cut_off=True)
+    assert board.snapshot()["cut_off"] is True
+    assert feed(board, 1.0, reading(req=False))[1:] == []
+    assert toggles(board.balance_changed(5, "sync", 2.0)) == [
+        SendCommand(Instruction.TOGGLE, 5, "balance restored")
+    ]
+
+
+def test_producers_are_never_cut_off() -> None:
+    board = token_board(balance=0, connection_type="Producer")
+    assert toggles(feed(board, 1.0, reading(req=True))) == []
+    assert toggles(board.balance_changed(0, "event", 2.0)) == []
+    assert not board.cut_off
+
+
+def test_no_cut_off_without_prepaid_cutoff() -> None:
+    policy = BoardPolicy(tokens=True, prepaid_cutoff=False)
+    board = token_board(balance=0, policy=policy, load_cut_off=True)
+    assert toggles(feed(board, 1.0, reading(req=True))) == []
+    assert toggles(board.balance_changed(5, "event", 2.0)) == []
+    assert toggles(feed(board, 3.0, reading(req=False))) == []

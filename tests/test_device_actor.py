@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from actors.testing import DeviceHarness
+from estate.board import BoardPolicy
+from estate.messages import PeersChanged, RecordCutOff, RefreshBalance
+from estate.types import DeviceId, DevicePk
+
+TOKENS = BoardPolicy(tokens=True)
 
 
 def test_handshake_then_keepalive_at_least_every_five_seconds():
@@ -55,3 +60,44 @@ def test_toggle_from_outside_reaches_the_board_and_is_recorded():
         board.instruct(2, reason="central")
         assert board.commands() == ["3,2"]
         assert [(c.instruction, c.reason) for c in board.recorded_commands()] == [(2, "central")]
+
+
+def test_balance_key_asks_the_signer_and_the_new_balance_is_answered_with_3():
+    with DeviceHarness("H001", balance=5, policy=TOKENS) as board:
+        board.hello()
+        board.reading(current=0.1, voltage=12.0, seq=1, update=True)
+        assert board.signer_messages() == [RefreshBalance(DeviceId("H001"))]
+        assert board.commands() == ["5,1"]
+        board.balance(4, reason="update")
+        assert board.commands() == ["5,1", "4,3"]
+        assert board.state()["balance_refresh_pending"] is False
+
+
+def test_a_failed_refresh_answers_the_cached_balance():
+    with DeviceHarness("H001", balance=5, policy=TOKENS) as board:
+        board.hello()
+        board.reading(current=0.1, voltage=12.0, seq=1, update=True)
+        board.refresh_failed()
+        assert board.commands() == ["5,1", "5,3"]
+
+
+def test_without_a_signer_the_balance_key_gets_the_cached_balance():
+    with DeviceHarness("H001", balance=5, policy=TOKENS) as board:
+        assert board.device is not None
+        board.device.tell(PeersChanged({"mqtt": board.mqtt, "db": board.db}))
+        board.hello()
+        board.reading(current=0.1, voltage=12.0, seq=1, update=True)
+        assert board.commands() == ["5,1", "5,3"]
+        assert board.signer_messages() == []
+
+
+def test_consumed_to_zero_answers_3_cuts_the_load_off_and_records_it():
+    with DeviceHarness("H001", balance=1, policy=TOKENS) as board:
+        board.hello()
+        board.reading(current=2.0, voltage=12.0, seq=1, req=True)
+        board.balance(0, reason="consumed", tx_hash="0x1")
+        assert board.commands() == ["1,1", "0,3", "0,2"]
+        assert board.recorded_cut_offs() == [RecordCutOff(DevicePk(1), True)]
+        recorded = [(c.instruction, c.reason) for c in board.recorded_commands()]
+        assert recorded == [(1, "handshake"), (3, "consumed"), (2, "prepaid cut-off")]
+        assert board.state()["cut_off"] is True

@@ -68,7 +68,7 @@ def pk(engine: Engine) -> DevicePk:
 
 def write(engine: Engine, readings: list[StoreReading], **kwargs: object) -> int:
     with engine.begin() as conn:
-        return write_batch(conn, readings, **kwargs)  # type: ignore[arg-type]
+        return write_batch(conn, readings, **kwargs).inserted  # type: ignore[arg-type]
 
 
 def device(engine: Engine, pk: DevicePk) -> DeviceRow:

@@ -14,13 +14,24 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Base", "CommandRow", "DeviceRow", "ReadingRow", "RelayBatchRow", "UtcDateTime"]
+__all__ = [
+    "Base",
+    "ChainCursorRow",
+    "ChainTransactionRow",
+    "CommandRow",
+    "DeviceRow",
+    "LedgerEntryRow",
+    "ReadingRow",
+    "RelayBatchRow",
+    "UtcDateTime",
+]
 
 # An integer primary key that is BIGINT on PostgreSQL and the rowid alias on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -73,6 +84,10 @@ class DeviceRow(Base):
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
     last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime)
     energy_total_wh: Mapped[float] = mapped_column(Float, default=0.0)
+    charge_wh: Mapped[float] = mapped_column(Float, default=0.0)
+    """Energy a consumer used that is not charged yet (less than one token's worth)."""
+    load_cut_off: Mapped[bool] = mapped_column(Boolean, default=False)
+    """The gateway switched the load off for want of tokens."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -137,3 +152,62 @@ class CommandRow(Base):
     balance: Mapped[int] = mapped_column(BigInteger)
     instruction: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(32))
+
+
+class LedgerEntryRow(Base):
+    """One consumption to charge on chain: `amount` SCT from `account_address`.
+
+    `pending` until put in a transaction, then `submitted` (with its `tx_hash` and
+    `nonce`), then `accepted`, or `rejected` when the contract refuses it for good.
+    It is written in the transaction that stored the readings whose energy it charges.
+    """
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        Index("ix_ledger_entries_status", "status", "id"),
+        Index("ix_ledger_entries_tx", "tx_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_pk: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    account_address: Mapped[str] = mapped_column(String(66))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    tx_hash: Mapped[str | None] = mapped_column(String(66))
+    nonce: Mapped[int | None] = mapped_column(BigInteger)
+    submitted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    settled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(String(300))
+
+
+class ChainTransactionRow(Base):
+    """An invoke the gateway signed: recorded before it is sent, so it is never signed twice.
+
+    `payload` is the signed transaction as broadcast (JSON), to send the very same
+    transaction again if the node lost it. `status`: `submitted`, `accepted`,
+    `reverted` or `dropped` (its nonce was used by no transaction of ours).
+    """
+
+    __tablename__ = "chain_transactions"
+    __table_args__ = (Index("ix_chain_transactions_status", "status"),)
+
+    tx_hash: Mapped[str] = mapped_column(String(66), primary_key=True)
+    nonce: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="submitted")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    settled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    block_number: Mapped[int | None] = mapped_column(BigInteger)
+    revert_reason: Mapped[str | None] = mapped_column(String(300))
+
+
+class ChainCursorRow(Base):
+    """How far the gateway has read the chain's events (the last processed block)."""
+
+    __tablename__ = "chain_cursors"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    block_number: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

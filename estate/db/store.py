@@ -7,17 +7,25 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import attrs
-from sqlalchemy import Connection, bindparam, case, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, case, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from estate.central_wire import CentralDevice
-from estate.db.models import CommandRow, DeviceRow, ReadingRow
-from estate.messages import DeviceRecord, RecordCommand, RecordDeviceState, StoreReading
+from estate.db.models import CommandRow, DeviceRow, LedgerEntryRow, ReadingRow
+from estate.messages import (
+    DeviceRecord,
+    RecordCommand,
+    RecordCutOff,
+    RecordDeviceState,
+    StoreReading,
+)
 from estate.types import CentralId, DeviceId, DevicePk
 
 __all__ = [
     "CONNECTION_TYPES",
+    "Charging",
     "DeviceExists",
+    "Written",
     "apply_central_devices",
     "load_devices",
     "register_device",
@@ -29,6 +37,21 @@ CONNECTION_TYPES = ("Consumer", "Producer")
 
 class DeviceExists(ValueError):
     """A device with this device_id is already registered."""
+
+
+@attrs.frozen
+class Charging:
+    """Token accounting is on: each `wh_per_token` a consumer uses is charged 1 SCT."""
+
+    wh_per_token: float
+
+
+@attrs.frozen
+class Written:
+    """What one flush wrote: new readings (not duplicates) and new ledger entries."""
+
+    inserted: int
+    charged: int = 0
 
 
 def _now() -> datetime:
@@ -60,6 +83,8 @@ def load_devices(
             load_on=row.load_on,
             balance=row.balance,
             energy_total_wh=row.energy_total_wh,
+            load_cut_off=row.load_cut_off,
+            charge_wh=row.charge_wh,
         )
         if row.device_id not in resume_known:
             record = _with_resume_state(conn, record)
@@ -134,19 +159,28 @@ def write_batch(
     readings: Sequence[StoreReading],
     states: Sequence[RecordDeviceState] = (),
     commands: Sequence[RecordCommand] = (),
-) -> int:
-    """Write one flush in the caller's transaction; return how many readings were new.
+    cut_offs: Sequence[RecordCutOff] = (),
+    charging: Charging | None = None,
+) -> Written:
+    """Write one flush in the caller's transaction.
 
     A reading whose message is already stored (a redelivery) is skipped, and only new
-    readings add to their device's energy total and last-seen time.
+    readings add to their device's energy total and last-seen time. With `charging`,
+    their energy also fills each consumer's accumulator (`charge_wh`, for devices with
+    an owner account), and every full `wh_per_token` becomes a pending ledger entry in
+    this same transaction: a crash can neither lose the energy nor charge it twice.
     """
-    inserted = 0
+    inserted = charged = 0
     # states first: a reading in this flush carries a newer load state than a state event
     for state in states:
         conn.execute(
             update(DeviceRow)
             .where(DeviceRow.id == state.device_pk)
             .values(status=state.status, load_on=state.load_on, updated_at=state.at)
+        )
+    for cut in cut_offs:
+        conn.execute(
+            update(DeviceRow).where(DeviceRow.id == cut.device_pk).values(load_cut_off=cut.cut_off)
         )
     if readings:
         statement = _insert_ignoring_duplicates(conn).returning(
@@ -163,19 +197,24 @@ def write_batch(
                 seen[pk] = (received_at, load_on)
         if energy:
             newer = or_(DeviceRow.last_seen.is_(None), DeviceRow.last_seen < bindparam("seen"))
+            values = {
+                "energy_total_wh": DeviceRow.energy_total_wh + bindparam("energy"),
+                "last_seen": case((newer, bindparam("seen")), else_=DeviceRow.last_seen),
+                "load_on": case((newer, bindparam("load")), else_=DeviceRow.load_on),
+            }
+            if charging is not None:
+                values["charge_wh"] = DeviceRow.charge_wh + case(
+                    (_chargeable(), bindparam("energy")), else_=literal(0.0)
+                )
             conn.execute(
-                update(DeviceRow)
-                .where(DeviceRow.id == bindparam("pk"))
-                .values(
-                    energy_total_wh=DeviceRow.energy_total_wh + bindparam("energy"),
-                    last_seen=case((newer, bindparam("seen")), else_=DeviceRow.last_seen),
-                    load_on=case((newer, bindparam("load")), else_=DeviceRow.load_on),
-                ),
+                update(DeviceRow).where(DeviceRow.id == bindparam("pk")).values(**values),
                 [
                     {"pk": pk, "energy": energy[pk], "seen": at, "load": load}
                     for pk, (at, load) in seen.items()
                 ],
             )
+            if charging is not None:
+                charged = _charge(conn, list(energy), charging)
     if commands:
         conn.execute(
             insert(CommandRow),
@@ -190,7 +229,45 @@ def write_batch(
                 for c in commands
             ],
         )
-    return inserted
+    return Written(inserted, charged)
+
+
+def _chargeable():
+    """Devices whose energy is charged: consumers with an owner account."""
+    return and_(DeviceRow.connection_type == "Consumer", DeviceRow.account_address.is_not(None))
+
+
+# A float accumulator of many small readings lands a hair under a whole token's worth
+CHARGE_EPSILON_WH = 1e-9
+
+
+def _charge(conn: Connection, pks: list[int], charging: Charging) -> int:
+    """Turn every full token's worth in these devices' accumulators into a ledger entry."""
+    wh = charging.wh_per_token
+    full = conn.execute(
+        select(DeviceRow.id, DeviceRow.account_address, DeviceRow.charge_wh).where(
+            DeviceRow.id.in_(pks), _chargeable(), DeviceRow.charge_wh >= wh - CHARGE_EPSILON_WH
+        )
+    ).all()
+    now = _now()
+    for pk, account, charge_wh in full:
+        tokens = int((charge_wh + CHARGE_EPSILON_WH) // wh)
+        conn.execute(
+            update(DeviceRow)
+            .where(DeviceRow.id == pk)
+            .values(charge_wh=DeviceRow.charge_wh - tokens * wh)
+        )
+        conn.execute(
+            insert(LedgerEntryRow).values(
+                device_pk=pk,
+                account_address=account,
+                amount=tokens,
+                status="pending",
+                created_at=now,
+                attempts=0,
+            )
+        )
+    return len(full)
 
 
 def apply_central_devices(conn: Connection, devices: Sequence[CentralDevice]) -> int:
