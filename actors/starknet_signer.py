@@ -243,14 +243,18 @@ class StarknetSigner(EstateActor):
             return
         self.counts["balance_reads"] += len(fresh)
         for account, balance in fresh.items():
-            self.balances[account] = balance
-            if account in self.blocked and balance > self.blocked[account]:
-                del self.blocked[account]
-                self.batch_due = self.batch_due or self.clock()
+            self._note_balance(account, balance)
             for board in self.boards.get(account, []):
                 tell_if_alive(board.ref, BalanceChanged(balance, reason, tx_hash))
         if "db" in self.peers:
             tell_if_alive(self.peers["db"], RecordBalances(fresh))
+
+    def _note_balance(self, account: str, balance: int) -> None:
+        """Keep what the chain said; an account that could not pay may pay now."""
+        self.balances[account] = balance
+        if account in self.blocked and balance > self.blocked[account]:
+            del self.blocked[account]
+            self.batch_due = self.batch_due or self.clock()
 
     @handles(RefreshBalance)
     def _refresh_one(self, message: RefreshBalance) -> None:
@@ -268,7 +272,7 @@ class StarknetSigner(EstateActor):
             self.error_log.warning("balance", "cannot read %s's balance: %s", account, exc)
             tell_if_alive(asker, BalanceRefreshFailed(str(exc)))
             return
-        self.balances[account] = balance
+        self._note_balance(account, balance)
         tell_if_alive(asker, BalanceChanged(balance, "update"))
         # the owner's other boards show it too; the database keeps it
         for board in self.boards[account]:
@@ -289,6 +293,7 @@ class StarknetSigner(EstateActor):
         now = self.clock()
         if now < self.retry_at:
             return
+        answered = self.chain.answers if self.chain else 0
         try:
             if not self.ready:
                 self._start(now)
@@ -311,6 +316,8 @@ class StarknetSigner(EstateActor):
             self.error_log.warning("db", "ledger unavailable (%s); retrying in %.0fs", exc, delay)
         else:
             self.backoff.succeeded()
+            if self.chain is not None and self.chain.answers > answered:
+                self._reachable()
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -370,7 +377,10 @@ class StarknetSigner(EstateActor):
         try:
             self.chain.send(flight.signed.payload)
         except NonceError as exc:
-            # refused before inclusion: nothing was charged; its entries go again
+            if flight.broadcasts > 1:
+                # sent before: it may be in a block by now; its receipt (or the nonce) tells
+                return
+            # refused on its first broadcast, so never included: its entries go again
             self.log.warning("node refused %s's nonce (%s)", flight.signed.tx_hash, exc)
             self._settled("dropped", reason=str(exc))
             self.nonce = self.chain.nonce()
@@ -407,20 +417,22 @@ class StarknetSigner(EstateActor):
                     f"every consume reverts ({why}): is the gateway's account authorised on "
                     "the SCT contract (owner, or added with addHub)?"
                 )
-        rejected: list[tuple[ConsumeCall, str]] = []
-        for call, why in bad:
-            self.counts["reverting_calls"] += 1
-            if is_insufficient_balance(why):
-                self.blocked[call.account] = self.balances.get(call.account, 0)
+        short = {call.account: (call, why) for call, why in bad if is_insufficient_balance(why)}
+        self.counts["reverting_calls"] += len(bad)
+        if short:
+            fresh = self._refresh(short, "sync")
+            for account, (call, why) in short.items():
+                # it waits until its balance is above what it is now
+                self.blocked[account] = fresh.get(account, self.balances.get(account, 0))
                 self.log.warning(
                     "%s cannot pay %d SCT (%s); waiting until its balance grows",
-                    call.account,
+                    account,
                     call.amount,
                     why,
                 )
-            else:
-                rejected.append((call, why))
-        for call, why in rejected:
+        for call, why in bad:
+            if call.account in short:
+                continue
             self.log.error(
                 "the SCT contract refuses to charge %s (%s); %d ledger entries rejected",
                 call.account,
@@ -428,8 +440,6 @@ class StarknetSigner(EstateActor):
                 len(call.entries),
             )
             self._ask_db(RejectLedgerEntries(call.entry_ids, why))
-        if any(is_insufficient_balance(why) for _c, why in bad):
-            self._refresh({c.account for c, why in bad if is_insufficient_balance(why)}, "sync")
         return good
 
     # -- settling --------------------------------------------------------------------------
@@ -514,7 +524,7 @@ class StarknetSigner(EstateActor):
         fresh = {a: b for a, b in read.items() if isinstance(b, int)}
         charged_devices = {e.device_id for e in entries}
         for account, balance in fresh.items():
-            self.balances[account] = balance
+            self._note_balance(account, balance)
             for board in self.boards.get(account, []):
                 reason = "consumed" if board.device_id in charged_devices else "sync"
                 tell_if_alive(board.ref, BalanceChanged(balance, reason, tx_hash))

@@ -144,6 +144,8 @@ class StarknetChain:
         )
         self.account_address = normalise_address(account_address)
         self.sct_address = normalise_address(sct_address)
+        self.answers = 0
+        """Calls the node answered (a caller can tell that it is reachable again)."""
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
         self._key = KeyPair.from_private_key(int(private_key, 16))
@@ -185,7 +187,7 @@ class StarknetChain:
     def _run(self, make: Awaitable[T]) -> T:
         """Run one coroutine on this client's loop; translate its failures."""
         try:
-            return self._loop.run_until_complete(asyncio.wait_for(make, self.timeout))
+            result = self._loop.run_until_complete(asyncio.wait_for(make, self.timeout))
         except TimeoutError:
             raise ChainUnavailable(
                 f"the Starknet node {self.rpc_url} did not answer within {self.timeout:.0f}s"
@@ -204,6 +206,8 @@ class StarknetChain:
             raise ChainUnavailable(
                 f"the Starknet node {self.rpc_url} gave an answer the gateway cannot read: {exc}"
             ) from None
+        self.answers += 1
+        return result
 
     async def _ensure(self) -> Account:
         if self._account is None:
