@@ -155,8 +155,9 @@ class Board:
     answered when it comes (`balance_changed`), or with the cached balance after
     `refresh_timeout`. With `prepaid_cutoff` too, a consumer's load is toggled off while
     the balance is 0 or less (`cut_off`), and on again once it grows, if the gateway
-    switched it off. The load state is the `req` of a reading since the board connected;
-    after a toggle the rules wait for a reading showing it, or `toggle_settle` seconds.
+    switched it off. The rules act on a balance read on chain since the actor started (not
+    the cached one) and on the `req` of a reading since the board connected; after a
+    toggle they wait for a reading showing it, or `toggle_settle` seconds.
     """
 
     record: DeviceRecord
@@ -186,6 +187,8 @@ class Board:
     _recent: dict[tuple[int, str], None] = attrs.field(init=False, factory=dict)
     _load_seen: bool = attrs.field(init=False, default=False)
     """A reading since the board connected showed the load state."""
+    _balance_read: bool = attrs.field(init=False, default=False)
+    """The balance was read on chain since this actor started (the cached one may be stale)."""
     _toggle: tuple[float, bool] | None = attrs.field(init=False, default=None)
     """The last toggle not yet seen to take effect: when, and the load state it brings."""
 
@@ -260,7 +263,7 @@ class Board:
         A pending refresh (the balance key) or a consumption is answered with
         instruction 3; any other change goes out at once with instruction 1.
         """
-        old, self.balance = self.balance, balance
+        old, self.balance, self._balance_read = self.balance, balance, True
         effects: list[Effect] = []
         if self.balance_refresh_since is not None or reason == "consumed":
             effects += self._answer_update(reason, now)
@@ -445,7 +448,8 @@ class Board:
         """The prepaid cut-off: a consumer's load is off while the balance is 0 or less."""
         policy = self.policy
         applies = policy.tokens and policy.prepaid_cutoff and self.connected
-        if not (applies and self.record.connection_type == "Consumer" and self._load_seen):
+        known = self._load_seen and self._balance_read
+        if not (applies and self.record.connection_type == "Consumer" and known):
             return []
         if self._toggling(now):
             return []

@@ -396,9 +396,14 @@ def test_instruction_0_makes_the_board_idle_without_keepalives() -> None:
 TOKENS = BoardPolicy(tokens=True)
 
 
-def token_board(now: float = 0.0, policy: BoardPolicy = TOKENS, **fields: object) -> Board:
+def token_board(
+    now: float = 0.0, policy: BoardPolicy = TOKENS, read: bool = True, **fields: object
+) -> Board:
+    """A connected board; with `read`, its cached balance was also read on chain."""
     board = Board(record(**fields), policy=policy)
     board.hello(now)
+    if read:
+        board.balance_changed(board.balance, "sync", now)
     return board
 
 
@@ -509,6 +514,14 @@ def test_the_balance_reaching_zero_cuts_the_load_off() -> None:
     ]
     assert CutOffChanged(True) in effects
     assert board.snapshot()["cut_off"] is True
+
+
+def test_a_cached_balance_of_zero_never_read_on_chain_cuts_nothing_off() -> None:
+    board = token_board(balance=0, read=False)
+    assert toggles(feed(board, 1.0, reading(req=True))) == []
+    effects = board.balance_changed(3, "sync", 1.5)
+    assert toggles(effects) == []
+    assert board.cut_off is False
 
 
 def test_a_board_connecting_at_zero_with_the_load_on_is_cut_off() -> None:

@@ -1,0 +1,209 @@
+"""Token accounting through the whole gateway: a simulated consumer board over the real
+Mosquitto, PostgreSQL, and the fake Starknet node (real JSON-RPC, signatures checked)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pykka
+import pytest
+from helpers import board_state, clear_retained, device_row, register, wait_for
+from sqlalchemy import Engine, func, select, update
+
+from actors.gateway import Gateway
+from actors.simulated_board import SimulatedBoard
+from estate.db.models import DeviceRow, LedgerEntryRow
+from estate.device_wire import Instruction
+from estate.fake_starknet import FakeStarknetNode, make_test_account
+from estate.messages import PressBalanceKey, SetLoad
+from estate.sct_contract import normalise_address
+
+pytestmark = pytest.mark.integration
+
+GATEWAY, GATEWAY_KEY, GATEWAY_PUBLIC = make_test_account(1)
+OWNER = normalise_address(0xB0B)
+
+
+class TokenRig:
+    def __init__(self, engine: Engine, broker_url: str, hub: str) -> None:
+        self.engine, self.broker_url, self.hub = engine, broker_url, hub
+        self.gateway: Gateway | None = None
+        self.board: pykka.ActorRef[Any] | None = None
+        self.device_ids: list[str] = []
+
+    def start(self, settings: Any, connection_type: str = "Consumer") -> pykka.ActorRef[Any]:
+        self.device_ids = ["H001"]
+        (pk,) = register(self.engine, "H001", connection_type=connection_type).values()
+        with self.engine.begin() as conn:
+            conn.execute(update(DeviceRow).where(DeviceRow.id == pk).values(account_address=OWNER))
+        self.gateway = Gateway(settings).start()
+        self.board = SimulatedBoard.start(
+            self.broker_url, self.hub, "H001", interval=0.1, hello_interval=0.5
+        )
+        return self.board
+
+    def state(self) -> dict[str, Any]:
+        assert self.board is not None
+        return board_state(self.board)
+
+    def ledger(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(LedgerEntryRow.status, func.sum(LedgerEntryRow.amount)).group_by(
+                    LedgerEntryRow.status
+                )
+            ).all()
+        return {status: int(amount) for status, amount in rows}
+
+    def stop(self) -> None:
+        if self.board is not None:
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                self.board.stop(block=True, timeout=10)
+        if self.gateway is not None:
+            self.gateway.stop()
+        clear_retained(self.broker_url, self.hub, self.device_ids)
+
+
+@pytest.fixture
+def node() -> Iterator[FakeStarknetNode]:
+    with FakeStarknetNode(block_time=0.05) as fake:
+        fake.add_account(GATEWAY, GATEWAY_PUBLIC)
+        fake.authorise(GATEWAY)
+        yield fake
+
+
+@pytest.fixture
+def rig(
+    pg_url: str,
+    mosquitto_url: str,
+    hub: str,
+    engine_for: Callable[[str], Engine],
+    node: FakeStarknetNode,  # stopped after the gateway
+) -> Iterator[TokenRig]:
+    r = TokenRig(engine_for(pg_url), mosquitto_url, hub)
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture
+def token_settings(
+    pg_url: str, mosquitto_url: str, node: FakeStarknetNode, make_settings: Callable[..., Any]
+) -> Callable[..., Any]:
+    def make(**env: str) -> Any:
+        defaults = {
+            "DATABASE_URL": pg_url,
+            "MQTT_URL": mosquitto_url,
+            "DB_AUTO_MIGRATE": "false",
+            "MQTT_SESSION_EXPIRY": "60",
+            "STARKNET_RPC_URL": node.url,
+            "STARKNET_ACCOUNT_ADDRESS": hex(GATEWAY),
+            "STARKNET_PRIVATE_KEY": hex(GATEWAY_KEY),
+            "SCT_CONTRACT_ADDRESS": hex(node.sct_address),
+            "STARKNET_BATCH_WINDOW": "0.3",
+            "STARKNET_EVENT_POLL_INTERVAL": "0.3",
+            # about 5 W every 0.1 s: a token every 1 to 2 s
+            "WH_PER_TOKEN": "0.002",
+        }
+        return make_settings(**{**defaults, **env})
+
+    return make
+
+
+def toggles(state: dict[str, Any], balance: int | None = None) -> int:
+    return sum(
+        1
+        for _at, b, instruction in state["commands"]
+        if instruction == Instruction.TOGGLE and (balance is None or b == balance)
+    )
+
+
+def test_prepaid_cut_off_switches_the_load_off_at_0_and_on_after_a_transfer(
+    rig: TokenRig, node: FakeStarknetNode, token_settings: Callable[..., Any]
+) -> None:
+    node.mint(OWNER, 2)
+    rig.start(token_settings())
+    wait_for(lambda: rig.state()["balance"] == 2, 15, "the board to show its balance")
+
+    # it consumes its 2 tokens; at 0 the gateway switches its load off
+    wait_for(lambda: not rig.state()["load_on"], 30, "the load switched off at 0")
+    state = rig.state()
+    assert state["balance"] == 0
+    assert toggles(state) == 1, state["commands"]
+    assert node.balance_of(OWNER) == 0
+    wait_for(lambda: device_row(rig.engine, "H001").load_cut_off, 5, "the cut-off stored")
+
+    # switched on by hand while at 0: switched off again
+    assert rig.board is not None
+    rig.board.tell(SetLoad(True))
+    wait_for(lambda: toggles(rig.state()) == 2, 15, "the load switched off again")
+    wait_for(lambda: not rig.state()["load_on"], 5, "the load off")
+
+    # someone sends the owner tokens: the balance grows, the load comes back on
+    node.mint(normalise_address(0xCAFE), 5)
+    node.transfer(normalise_address(0xCAFE), OWNER, 5)
+    wait_for(lambda: rig.state()["load_on"], 15, "the load switched back on")
+    assert toggles(rig.state()) == 3
+    wait_for(lambda: device_row(rig.engine, "H001").load_cut_off is False, 10, "cut-off over")
+
+    # what it used while switched on by hand at 0 is charged once it can pay
+    ledger = rig.ledger()
+    assert ledger.get("accepted", 0) >= 2
+    wait_for(
+        lambda: node.balance_of(OWNER) == 2 + 5 - rig.ledger().get("accepted", 0),
+        15,
+        "the chain to match the ledger",
+    )
+
+
+def test_the_balance_key_refreshes_the_balance_from_the_chain(
+    rig: TokenRig, node: FakeStarknetNode, token_settings: Callable[..., Any]
+) -> None:
+    node.mint(OWNER, 50)
+    board = rig.start(token_settings(WH_PER_TOKEN="1000"))
+    wait_for(lambda: rig.state()["balance"] == 50, 15, "the board to show its balance")
+    node.mint(OWNER, 7)  # not yet seen: events are polled every 0.3 s, the key is faster
+    board.tell(PressBalanceKey())
+    wait_for(lambda: not rig.state()["update"], 10, "the update flag cleared")
+    answers = [(b, i) for _at, b, i in rig.state()["commands"] if i == 3]
+    assert answers
+    assert answers[-1] == (57, 3)
+
+
+def test_producers_are_not_charged(
+    rig: TokenRig, node: FakeStarknetNode, token_settings: Callable[..., Any]
+) -> None:
+    node.mint(OWNER, 2)
+    rig.start(token_settings(), connection_type="Producer")
+    wait_for(lambda: len(rig.state()["accepted"]) >= 30, 20, "30 readings")
+    assert rig.ledger() == {}
+    assert node.balance_of(OWNER) == 2
+    assert rig.state()["load_on"] is True
+
+
+def test_without_starknet_settings_energy_is_stored_and_nobody_charged(
+    rig: TokenRig,
+    pg_url: str,
+    mosquitto_url: str,
+    make_settings: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = make_settings(
+        DATABASE_URL=pg_url,
+        MQTT_URL=mosquitto_url,
+        DB_AUTO_MIGRATE="false",
+        MQTT_SESSION_EXPIRY="60",
+        WH_PER_TOKEN="0.001",
+    )
+    with caplog.at_level(logging.INFO, logger="estate"):
+        rig.start(settings)
+        wait_for(lambda: device_row(rig.engine, "H001").energy_total_wh > 0.005, 20, "energy")
+    assert rig.ledger() == {}
+    assert device_row(rig.engine, "H001").charge_wh == 0.0
+    said = [r for r in caplog.records if "token accounting off" in r.getMessage()]
+    assert len(said) == 1
+    assert rig.state()["load_on"] is True
