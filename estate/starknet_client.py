@@ -410,6 +410,17 @@ class StarknetChain:
 
         return self._run(look())
 
+    def actual_fee(self, tx_hash: str) -> int:
+        """The fee a transaction in a block paid (in FRI for a v3 invoke)."""
+
+        async def fee() -> int:
+            await self._ensure()
+            assert self._client is not None
+            receipt = await self._client.get_transaction_receipt(int(tx_hash, 16))
+            return int(receipt.actual_fee.amount)
+
+        return self._run(fee())
+
 
 def _chain_name(felt: str) -> str:
     try:
