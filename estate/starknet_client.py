@@ -352,7 +352,8 @@ class StarknetChain:
 
     async def _estimate(self, calls: list[Call], nonce: int) -> Any:
         account = await self._ensure()
-        draft = await account.sign_invoke_v3(
+        # unsigned: estimate_fee signs its own query version (a signature costs ~0.1 s)
+        draft = await account._prepare_invoke_v3(
             calls, nonce=nonce, resource_bounds=ResourceBoundsMapping.init_with_zeros()
         )
         return await account.estimate_fee(draft)
