@@ -65,6 +65,7 @@ send('H001', 2)        send an instruction to a board: 0 disconnect, 1 persist,
                        2 toggle the load, 3 balance updated
 stats()                counters of the supervisor and the core actors
 sync()                 sync the devices with the central now
+ledger()               token ledger: entries and SCT by state, and the signer's state
 settings               the gateway's settings (secrets masked)
 help()                 this list; help(obj) documents obj
 exit() or Ctrl-D       leave (the gateway keeps running)
@@ -190,6 +191,16 @@ def repl_namespace(
         """Sync the devices with the central now (when a central is configured)."""
         say("sync asked of the central" if introspection.sync() else "error: no central")
 
+    @guarded
+    def ledger() -> None:
+        """Print the token ledger (entries and SCT by state) and the signer's counters."""
+        summary = introspection.ledger()
+        if summary is None:
+            say("error: token accounting is off (STARKNET_RPC_URL is unset)")
+            return
+        signer = introspection.stats().get("signer", {})
+        say(pprint.pformat({"ledger": summary, "signer": signer}, sort_dicts=False))
+
     def help(thing: Any = None) -> None:
         """List the REPL's commands, or document `thing`."""
         if thing is None:
@@ -209,6 +220,7 @@ def repl_namespace(
         "send": send,
         "stats": stats,
         "sync": sync,
+        "ledger": ledger,
         "help": help,
         "settings": _Shown(settings_text),
         "print": say,

@@ -7,7 +7,8 @@ only owns the listener's life cycle and answers where it listens.
 
 - `/healthz`: 200 `{"status": "ok", "checks": {...}}` when the supervisor answers, the
   boards' broker is connected and the database is writable (an actual transaction,
-  `ProbeDatabase`); otherwise 503 with the same body, each degraded check saying why.
+  `ProbeDatabase`), and with token accounting on, the Starknet node answers the signer;
+  otherwise 503 with the same body, each degraded check saying why.
 - `/metrics`: Prometheus text format from a registry of this actor's own (never the
   process-wide default registry), filled at scrape time by `GatewayCollector`.
 """
@@ -81,11 +82,14 @@ class HealthChecks:
         timeout = self.introspection.timeout
         mqtt = _ask(infos.get("mqtt"), GetStats())
         database = _ask(infos.get("db"), ProbeDatabase())
+        signer = _ask(infos.get("signer"), GetStats()) if "signer" in infos else None
         checks = {
             "supervisor": OK,
             "broker": _broker_check(mqtt, timeout),
             "database": _database_check(database, timeout),
         }
+        if signer is not None:
+            checks["starknet"] = _starknet_check(signer, timeout)
         return all(value == OK for value in checks.values()), checks
 
     @staticmethod
@@ -127,6 +131,17 @@ def _broker_check(asked: pykka.Future[Any] | str, timeout: float) -> str:
     return OK
 
 
+def _starknet_check(asked: pykka.Future[Any] | str, timeout: float) -> str:
+    stats, problem = _answer(asked, timeout)
+    if problem is not None:
+        return f"signer {problem}"
+    if stats.get("reachable") is False:
+        return "the Starknet node is unreachable: consumption waits in the ledger"
+    if not stats.get("ready"):
+        return "starting: the Starknet node has not answered yet"
+    return OK
+
+
 def _database_check(asked: pykka.Future[Any] | str, timeout: float) -> str:
     answer, problem = _answer(asked, timeout)
     if problem is not None:
@@ -141,8 +156,8 @@ def _database_check(asked: pykka.Future[Any] | str, timeout: float) -> str:
 class GatewayCollector(Collector):
     """Asks the actors at scrape time and yields what they say as metric families.
 
-    Not here yet, because the features do not exist yet: the relay outbox (depth, lag)
-    and the token ledger (entries by state); they join this collector with them.
+    The relay outbox (depth, lag) is there once a central is configured, the token
+    ledger (entries and SCT by state) and the signer's counters once Starknet is.
     """
 
     def __init__(self, introspection: Introspection) -> None:
@@ -157,6 +172,7 @@ class GatewayCollector(Collector):
             stats = self.introspection.stats()
             devices = self.introspection.devices()
             outbox = self.introspection.outbox()
+            ledger = self.introspection.ledger()
         except (pykka.Timeout, pykka.ActorDeadError):
             up.add_metric([], 0)
             yield up
@@ -169,6 +185,8 @@ class GatewayCollector(Collector):
         yield from _device_metrics(devices)
         if outbox is not None:
             yield from _outbox_metrics(outbox)
+        if ledger is not None:
+            yield from _ledger_metrics(ledger, stats.get("signer", {}))
 
 
 def _number(stats: dict[str, Any], key: str) -> float:
@@ -261,6 +279,38 @@ def _outbox_metrics(outbox: OutboxState) -> Iterator[Metric]:
     oldest = outbox.oldest
     lag.add_metric([], (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0)
     yield from (depth, lag)
+
+
+def _ledger_metrics(ledger: dict[str, int], signer: dict[str, Any]) -> Iterator[Metric]:
+    entries = GaugeMetricFamily(
+        "estate_ledger_entries", "consumption ledger entries, by state", labels=["state"]
+    )
+    tokens = GaugeMetricFamily(
+        "estate_ledger_sct", "SCT in the consumption ledger, by state", labels=["state"]
+    )
+    for state in ("pending", "submitted", "accepted", "rejected"):
+        entries.add_metric([state], ledger.get(state, 0))
+        tokens.add_metric([state], ledger.get(f"{state}_sct", 0))
+    yield from (entries, tokens)
+    reachable = GaugeMetricFamily(
+        "estate_starknet_reachable", "1 if the Starknet node answers the signer"
+    )
+    reachable.add_metric([], 1 if signer.get("reachable") else 0)
+    blocked = GaugeMetricFamily(
+        "estate_starknet_accounts_waiting", "accounts whose consume waits for a larger balance"
+    )
+    blocked.add_metric([], _number(signer, "blocked_accounts"))
+    yield from (reachable, blocked)
+    for name, key, doc in (
+        ("estate_starknet_transactions", "transactions", "consume multicalls sent"),
+        ("estate_starknet_accepted", "accepted", "consume multicalls accepted on chain"),
+        ("estate_starknet_reverted", "reverted", "consume multicalls that reverted on chain"),
+        ("estate_starknet_sct_consumed", "sct_consumed", "SCT charged on chain"),
+        ("estate_starknet_node_failures", "node_failures", "failed calls to the node"),
+    ):
+        counter = CounterMetricFamily(name, doc)
+        counter.add_metric([], _number(signer, key))
+        yield counter
 
 
 def _device_metrics(devices: list[dict[str, Any]]) -> Iterator[Metric]:

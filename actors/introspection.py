@@ -18,6 +18,7 @@ from estate.messages import (
     ActorInfo,
     GetActors,
     GetDeviceState,
+    GetLedgerSummary,
     GetOutboxState,
     GetStats,
     SendInstruction,
@@ -105,6 +106,16 @@ class Introspection:
             return None
         try:
             return refs["db"].ask(GetOutboxState(), timeout=self.timeout)
+        except (pykka.Timeout, pykka.ActorDeadError):
+            return None
+
+    def ledger(self) -> dict[str, int] | None:
+        """Ledger entries and tokens by state; None without token accounting (or no answer)."""
+        refs = {info.name: info.ref for info in self.actor_infos()}
+        if "signer" not in refs or "db" not in refs:
+            return None
+        try:
+            return refs["db"].ask(GetLedgerSummary(), timeout=self.timeout)
         except (pykka.Timeout, pykka.ActorDeadError):
             return None
 

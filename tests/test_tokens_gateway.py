@@ -4,21 +4,29 @@ Mosquitto, PostgreSQL, and the fake Starknet node (real JSON-RPC, signatures che
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pykka
 import pytest
-from helpers import board_state, clear_retained, device_row, register, wait_for
+from helpers import board_state, clear_retained, core_ref, device_row, register, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select, update
+from test_repl import ReplClient
 
 from actors.gateway import Gateway
 from actors.simulated_board import SimulatedBoard
 from estate.db.models import DeviceRow, LedgerEntryRow
 from estate.device_wire import Instruction
 from estate.fake_starknet import FakeStarknetNode, make_test_account
-from estate.messages import PressBalanceKey, SetLoad
+from estate.messages import GetHealthAddress, PressBalanceKey, SetLoad
 from estate.sct_contract import normalise_address
 
 pytestmark = pytest.mark.integration
@@ -207,3 +215,71 @@ def test_without_starknet_settings_energy_is_stored_and_nobody_charged(
     said = [r for r in caplog.records if "token accounting off" in r.getMessage()]
     assert len(said) == 1
     assert rig.state()["load_on"] is True
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=15) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_health_and_metrics_show_the_ledger_and_the_node(
+    rig: TokenRig, node: FakeStarknetNode, token_settings: Callable[..., Any]
+) -> None:
+    node.mint(OWNER, 100)
+    rig.start(token_settings())
+    assert rig.gateway is not None
+    address = core_ref(rig.gateway, "health").ask(GetHealthAddress(), timeout=10)
+
+    def metric(name: str, **labels: str) -> float:
+        status, body = _get(f"http://{address}/metrics")
+        assert status == 200
+        return next(
+            (
+                sample.value
+                for family in text_string_to_metric_families(body.decode())
+                for sample in family.samples
+                if sample.name == name and sample.labels == labels
+            ),
+            0.0,
+        )
+
+    wait_for(lambda: metric("estate_ledger_sct", state="accepted") >= 2, 30, "2 SCT charged")
+    assert metric("estate_starknet_reachable") == 1
+    assert metric("estate_starknet_transactions_total") >= 1
+    status, body = _get(f"http://{address}/healthz")
+    assert (status, json.loads(body)["checks"]["starknet"]) == (200, "ok")
+
+    node.down()
+    wait_for(lambda: _get(f"http://{address}/healthz")[0] == 503, 30, "/healthz to say 503")
+    checks = json.loads(_get(f"http://{address}/healthz")[1])["checks"]
+    assert "unreachable" in checks["starknet"]
+    assert checks["broker"] == checks["database"] == "ok"
+    node.up()
+    wait_for(lambda: _get(f"http://{address}/healthz")[0] == 200, 90, "/healthz to recover")
+
+
+def test_the_repl_shows_the_ledger_and_never_the_private_key(
+    rig: TokenRig, node: FakeStarknetNode, token_settings: Callable[..., Any]
+) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="repl-", dir="/tmp"))
+    socket_path = str(folder / "repl.sock")
+    try:
+        node.mint(OWNER, 100)
+        rig.start(token_settings(REPL_SOCKET=socket_path))
+        wait_for(lambda: rig.ledger().get("accepted", 0) >= 1, 30, "a consume accepted")
+        client = ReplClient.unix(socket_path)
+        try:
+            outputs = {line: client.run(line) for line in ("ledger()", "stats()", "settings")}
+        finally:
+            client.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert "'accepted'" in outputs["ledger()"]
+    assert "'nonce'" in outputs["ledger()"]
+    assert "starknet_private_key='***'" in outputs["settings"]
+    for line, output in outputs.items():
+        for secret in (hex(GATEWAY_KEY), hex(GATEWAY_KEY)[2:], str(GATEWAY_KEY)):
+            assert secret not in output, f"{line!r} showed the private key"
