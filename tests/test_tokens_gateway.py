@@ -25,6 +25,7 @@ from actors.gateway import Gateway
 from actors.simulated_board import SimulatedBoard
 from estate.db.models import DeviceRow, LedgerEntryRow
 from estate.device_wire import Instruction
+from estate.fake_central import FakeCentral
 from estate.fake_starknet import FakeStarknetNode, make_test_account
 from estate.messages import GetHealthAddress, PressBalanceKey, SetLoad
 from estate.sct_contract import normalise_address
@@ -283,3 +284,49 @@ def test_the_repl_shows_the_ledger_and_never_the_private_key(
     for line, output in outputs.items():
         for secret in (hex(GATEWAY_KEY), hex(GATEWAY_KEY)[2:], str(GATEWAY_KEY)):
             assert secret not in output, f"{line!r} showed the private key"
+
+
+def test_synced_boards_are_charged_and_the_central_told_even_after_an_outage(
+    rig: TokenRig, node: FakeStarknetNode, token_settings: Callable[..., Any], hub: str
+) -> None:
+    central = FakeCentral(api_key="hub-key", hub=hub).start()
+    try:
+        central.set_devices(
+            [{"id": 7, "device_id": "H001", "connection_type": "Consumer",
+              "account_address": "0xB0B"}]
+        )  # fmt: skip
+        node.mint(OWNER, 100)
+        rig.gateway = Gateway(
+            token_settings(CENTRAL_URL=central.url, CENTRAL_API_KEY="hub-key")
+        ).start()
+        rig.device_ids = ["H001"]
+        rig.board = SimulatedBoard.start(
+            rig.broker_url, hub, "H001", interval=0.1, hello_interval=0.5
+        )
+        wait_for(lambda: rig.state()["balance"] == 100, 15, "the balance read after the sync")
+        first = wait_for(
+            lambda: central.calls_to("token_consumption"), 30, "the central told"
+        )[0]
+        hashes = {f"0x{tx.hash:064x}" for tx in node.transactions}
+        assert first["device_id"] == "H001"
+        assert first["tx_hash"] in hashes
+        assert 0 < first["balance"] < 100
+
+        central.down()
+        told = len(central.calls_to("token_consumption"))
+        wait_for(lambda: len(node.transactions) >= len(hashes) + 2, 30, "two more consumes")
+        central.up()
+        wait_for(
+            lambda: len(central.calls_to("token_consumption")) >= told + 2,
+            60,
+            "the waiting notifications delivered",
+        )
+        notes = central.calls_to("token_consumption")
+        assert len({n["tx_hash"] for n in notes}) == len(notes)  # each consumption once
+        assert [n["balance"] for n in notes] == sorted(
+            (n["balance"] for n in notes), reverse=True
+        )
+    finally:
+        rig.stop()
+        rig.gateway = rig.board = None
+        central.stop()
