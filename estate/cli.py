@@ -77,6 +77,24 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument(
         "--devices", metavar="FILE.json", help="the devices sync_devices returns (a JSON list)"
     )
+
+    node = commands.add_parser(
+        "fake-starknet", help="run a fake Starknet node with the SCT contract on this machine"
+    )
+    node.add_argument("--port", type=int, default=5050, help="port to listen on (default 5050)")
+    node.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    node.add_argument(
+        "--block-time", type=float, default=2.0, help="seconds between blocks (default 2)"
+    )
+    node.add_argument(
+        "--mint",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give every board owner in DATABASE_URL's devices N SCT, once (default 0)",
+    )
     return parser
 
 
@@ -95,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "devices": _devices,
         "simulate": _simulate,
         "fake-central": _fake_central,
+        "fake-starknet": _fake_starknet,
         "repl": _repl,
         "status": _status,
     }[args.command]
@@ -187,6 +206,10 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+SIMULATED_OWNER = 0x51_0000
+"""Simulated board n's owner account is this + n (a demo address)."""
+
+
 def _register_simulated(settings: Settings, count: int, prefix: str = "SIM") -> list[str]:
     """Register simulated boards PREFIX001.. (before the gateway starts, so it knows them)."""
     from estate.db.engine import make_engine, upgrade
@@ -198,9 +221,10 @@ def _register_simulated(settings: Settings, count: int, prefix: str = "SIM") -> 
     ids = [f"{prefix}{n:03d}" for n in range(1, count + 1)]
     try:
         with engine.begin() as conn:
-            for device_id in ids:
+            for n, device_id in enumerate(ids, start=1):
                 with contextlib.suppress(DeviceExists):
-                    register_device(conn, device_id, "Consumer")
+                    # a demo owner account each, so that token accounting has whom to charge
+                    register_device(conn, device_id, "Consumer", f"{SIMULATED_OWNER + n:#066x}")
     finally:
         engine.dispose()
     return ids
@@ -350,6 +374,78 @@ def _fake_central(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         fake.stop()
     return 0
+
+
+def _fake_starknet(settings: Settings, args: argparse.Namespace) -> int:
+    """Serve a fake Starknet node (estate.fake_starknet) with a gateway account and the SCT."""
+    from estate.fake_starknet import FakeStarknetNode, make_test_account
+
+    address, private_key, public_key = make_test_account(1)
+    node = FakeStarknetNode(port=args.port, host=args.host, block_time=args.block_time)
+    try:
+        node.start()
+    except OSError as exc:
+        print(f"estate: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    node.add_account(address, public_key)
+    node.authorise(address)
+    print(
+        f"fake Starknet node on {node.url} (chain SN_SEPOLIA, blocks every "
+        f"{args.block_time:g} s); a throwaway gateway account, for the gateway's environment:",
+        file=sys.stderr,
+        flush=True,
+    )
+    print(
+        f"STARKNET_RPC_URL={node.url}\n"
+        f"STARKNET_ACCOUNT_ADDRESS={address:#066x}\n"
+        f"STARKNET_PRIVATE_KEY={private_key:#066x}\n"
+        f"SCT_CONTRACT_ADDRESS={node.sct_address:#066x}",
+        flush=True,
+    )
+    try:
+        if args.mint > 0:
+            _mint_to_owners(settings, node, args.mint)
+        else:
+            _wait_for_signal()
+    finally:
+        node.stop()
+    return 0
+
+
+def _mint_to_owners(settings: Settings, node: Any, amount: int) -> None:
+    """Until a signal: every board owner the database knows gets `amount` SCT, once."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from estate.db.engine import make_engine
+    from estate.db.models import DeviceRow
+    from estate.sct_contract import normalise_address
+
+    engine = make_engine(settings.database_url)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    given: set[str] = set()
+    try:
+        while not stop.wait(1.0):
+            try:
+                with engine.connect() as conn:
+                    owners = conn.execute(
+                        select(DeviceRow.account_address).where(
+                            DeviceRow.account_address.is_not(None)
+                        )
+                    ).scalars()
+                    accounts = {normalise_address(a) for a in owners}
+            except (SQLAlchemyError, ValueError) as exc:
+                if not given:
+                    logger.debug("no board owners yet: %s", str(exc).splitlines()[0])
+                continue
+            for account in sorted(accounts - given):
+                node.mint(account, amount)
+                given.add(account)
+                print(f"minted {amount} SCT to {account}", file=sys.stderr, flush=True)
+    finally:
+        engine.dispose()
 
 
 if __name__ == "__main__":

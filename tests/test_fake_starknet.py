@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,6 +39,7 @@ from starknet_py.transaction_errors import TransactionRevertedError
 
 from estate.fake_starknet import FakeStarknetNode, make_test_account
 from estate.sct_contract import EVENT_SELECTORS, SCT_ABI
+from estate.starknet_client import ChainReverted, StarknetChain
 
 _FUNCTIONS = AbiParser(SCT_ABI).parse().interfaces["sct::ISCT"].items
 _CONSUME = next(s for s, n in EVENT_SELECTORS.items() if n == "Consume")
@@ -420,3 +426,44 @@ def test_event_pagination(node: FakeStarknetNode, client: FullNodeClient):
     with pytest.raises(ClientError) as bad:
         client.get_events_sync(chunk_size=2, continuation_token="x")
     assert bad.value.code == 33
+
+
+def test_estate_fake_starknet_serves_a_gateway_account(tmp_path: Path) -> None:
+    """The command prints the gateway's environment; the gateway's client works with it."""
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}", "HEALTH_ADDRESS": "off"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "estate.cli", "fake-starknet", "--port", "0", "--mint", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline().strip() for _ in range(4)]
+        told = dict(line.split("=", 1) for line in lines)
+        assert set(told) == {
+            "STARKNET_RPC_URL",
+            "STARKNET_ACCOUNT_ADDRESS",
+            "STARKNET_PRIVATE_KEY",
+            "SCT_CONTRACT_ADDRESS",
+        }
+        chain = StarknetChain(
+            told["STARKNET_RPC_URL"],
+            told["STARKNET_ACCOUNT_ADDRESS"],
+            told["STARKNET_PRIVATE_KEY"],
+            told["SCT_CONTRACT_ADDRESS"],
+        )
+        try:
+            chain.check_chain()
+            assert chain.nonce() == 0
+            assert chain.balance_of("0x1234") == 0
+            # authorised: a consume reverts on the balance, not on the caller
+            with pytest.raises(ChainReverted, match="INSUFFICIENT BALANCE"):
+                chain.simulate([("0x1234", 1)], 0)
+        finally:
+            chain.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
