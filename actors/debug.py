@@ -194,12 +194,7 @@ def repl_namespace(
     @guarded
     def ledger() -> None:
         """Print the token ledger (entries and SCT by state) and the signer's counters."""
-        summary = introspection.ledger()
-        if summary is None:
-            say("error: token accounting is off (STARKNET_RPC_URL is unset)")
-            return
-        signer = introspection.stats().get("signer", {})
-        say(pprint.pformat({"ledger": summary, "signer": signer}, sort_dicts=False))
+        say(_ledger_text(introspection))
 
     def help(thing: Any = None) -> None:
         """List the REPL's commands, or document `thing`."""
@@ -227,6 +222,14 @@ def repl_namespace(
         "exit": _Exit(),
         "quit": _Exit(),
     }
+
+
+def _ledger_text(introspection: Introspection) -> str:
+    summary = introspection.ledger()
+    if summary is None:
+        return "error: token accounting is off (STARKNET_RPC_URL is unset)"
+    signer = introspection.stats().get("signer", {})
+    return pprint.pformat({"ledger": summary, "signer": signer}, sort_dicts=False)
 
 
 def _when(value: Any) -> str | None:

@@ -71,8 +71,8 @@ RECEIPT_POLL = 1.0
 """Seconds between two looks at the transaction in flight."""
 RESEND_AFTER = 30.0
 """Seconds a transaction may stay unknown to the node before it is broadcast again."""
-DROP_AFTER_RESENDS = 5
-"""Broadcasts of a transaction still unknown after which, its nonce used, it is dropped."""
+STUCK_WARNING = 300.0
+"""Seconds a transaction may wait for a block before the log says it is stuck."""
 EVENT_BLOCKS_MAX = 10_000
 """Blocks read in one poll of events at most (a gateway far behind catches up in steps)."""
 
@@ -144,6 +144,7 @@ class StarknetSigner(EstateActor):
         self.next_events = 0.0
         self.cursor: int | None = None
         self.reachable: bool | None = None
+        self.refresh_due = False
         self.counts: Counter[str] = Counter()
         self.error_log = RateLimitedLog(self.log, interval=30.0)
 
@@ -217,12 +218,20 @@ class StarknetSigner(EstateActor):
             boards.setdefault(account, []).append(board)
             by_device[board.device_id] = account
         self.boards, self.by_device = boards, by_device
-        if not self.ready:
-            return  # read once the node answers
-        self._refresh(boards, "sync")
+        self.refresh_due = True  # read on the next tick, where a node failure is handled
 
-    def _refresh(self, accounts: Iterable[str], reason: str) -> dict[str, int]:
-        """Read these accounts' balances, tell their boards and the database."""
+    def _refresh(
+        self,
+        accounts: Iterable[str],
+        reason: str,
+        tx_hash: str | None = None,
+        charged: frozenset[DeviceId] = frozenset(),
+    ) -> dict[str, int]:
+        """Read these accounts' balances, tell their boards and the database.
+
+        Boards in `charged` (their consumption was just accepted in `tx_hash`) are told
+        with the reason `consumed`, the others with `reason`.
+        """
         assert self.chain is not None
         accounts = list(accounts)
         if not accounts:
@@ -235,19 +244,15 @@ class StarknetSigner(EstateActor):
             self.error_log.warning(
                 "balance", "cannot read %d balances (%s: %s)", len(failed), account, error
             )
-        self._balances_read(fresh, reason)
-        return fresh
-
-    def _balances_read(self, fresh: dict[str, int], reason: str, tx_hash: str | None = None):
-        if not fresh:
-            return
         self.counts["balance_reads"] += len(fresh)
         for account, balance in fresh.items():
             self._note_balance(account, balance)
             for board in self.boards.get(account, []):
-                tell_if_alive(board.ref, BalanceChanged(balance, reason, tx_hash))
-        if "db" in self.peers:
-            tell_if_alive(self.peers["db"], RecordBalances(fresh))
+                why = "consumed" if board.device_id in charged else reason
+                tell_if_alive(board.ref, BalanceChanged(balance, why, tx_hash))
+        if fresh:
+            self._tell_db(RecordBalances(fresh))
+        return fresh
 
     def _note_balance(self, account: str, balance: int) -> None:
         """Keep what the chain said; an account that could not pay may pay now."""
@@ -278,8 +283,7 @@ class StarknetSigner(EstateActor):
         for board in self.boards[account]:
             if board.device_id != message.device_id:
                 tell_if_alive(board.ref, BalanceChanged(balance, "sync"))
-        if "db" in self.peers:
-            tell_if_alive(self.peers["db"], RecordBalances({account: balance}))
+        self._tell_db(RecordBalances({account: balance}))
 
     # -- the clock -------------------------------------------------------------------------
 
@@ -297,7 +301,9 @@ class StarknetSigner(EstateActor):
         try:
             if not self.ready:
                 self._start(now)
+            if self.refresh_due:
                 self._refresh(self.boards, "sync")
+                self.refresh_due = False
             if self.in_flight is not None:
                 if now >= self.in_flight.next_look:
                     self._look(now)
@@ -322,7 +328,19 @@ class StarknetSigner(EstateActor):
     # -- submitting ------------------------------------------------------------------------
 
     def _submit(self, now: float) -> None:
-        """Sign the pending entries into one multicall, record it, send it."""
+        """Sign the pending entries into one multicall, record it, send it.
+
+        If anything fails before the transaction is recorded, the batch is due again
+        (after the caller's backoff): pending entries are never left without a try.
+        """
+        try:
+            self._sign_and_send(now)
+        except Exception:
+            if self.in_flight is None:
+                self.batch_due = now
+            raise
+
+    def _sign_and_send(self, now: float) -> None:
         assert self.chain is not None
         assert self.nonce is not None
         entries = self._ask_db(GetPendingLedger())
@@ -463,6 +481,15 @@ class StarknetSigner(EstateActor):
             self._settled("reverted", outcome.block_number, outcome.reason)
             self.nonce = self.chain.nonce()
             self.batch_due = now
+        elif outcome.status == "pending" and now - flight.sent_at >= STUCK_WARNING:
+            self.error_log.warning(
+                "stuck",
+                "transaction %s (nonce %d) has waited %.0f s for a block; new consumes wait "
+                "behind it in the ledger",
+                flight.signed.tx_hash,
+                flight.signed.nonce,
+                now - flight.sent_at,
+            )
         elif outcome.status == "unknown" and now - flight.sent_at >= RESEND_AFTER:
             if self.chain.nonce() > flight.signed.nonce:
                 # its nonce is used, and not by it: it can never be included now
@@ -485,10 +512,12 @@ class StarknetSigner(EstateActor):
             self._broadcast(now)
 
     def _settled(self, outcome: str, block: int | None = None, reason: str | None = None):
+        """A transaction that charged nothing: its entries are pending again, and due."""
         assert self.in_flight is not None
         tx_hash = self.in_flight.signed.tx_hash
         self._ask_db(SettleTransaction(tx_hash, outcome, block, reason))
         self.in_flight = None
+        self.batch_due = self.clock()
         self._next_submitted()
 
     def _next_submitted(self) -> None:
@@ -518,26 +547,11 @@ class StarknetSigner(EstateActor):
             block,
             sum(e.amount for e in entries),
         )
-        accounts = {normalise_address(e.account_address) for e in entries}
-        assert self.chain is not None
-        read = self.chain.balances(accounts, self.concurrency)
-        fresh = {a: b for a, b in read.items() if isinstance(b, int)}
-        charged_devices = {e.device_id for e in entries}
-        for account, balance in fresh.items():
-            self._note_balance(account, balance)
-            for board in self.boards.get(account, []):
-                reason = "consumed" if board.device_id in charged_devices else "sync"
-                tell_if_alive(board.ref, BalanceChanged(balance, reason, tx_hash))
-        if "db" in self.peers:
-            tell_if_alive(self.peers["db"], RecordBalances(fresh))
+        owners = {e.device_id: normalise_address(e.account_address) for e in entries}
+        fresh = self._refresh(set(owners.values()), "sync", tx_hash, frozenset(owners))
         central = self.peers.get("central")
         if central is not None:
-            for device_id in sorted(charged_devices):
-                account = next(
-                    normalise_address(e.account_address)
-                    for e in entries
-                    if e.device_id == device_id
-                )
+            for device_id, account in sorted(owners.items()):
                 if account in fresh:
                     tell_if_alive(central, NotifyConsumption(device_id, tx_hash, fresh[account]))
         self._next_submitted()
@@ -550,20 +564,27 @@ class StarknetSigner(EstateActor):
         head = self.chain.block_number()
         if self.cursor is None:
             self.cursor = head  # a first start reads all balances anyway
-            tell_if_alive(self.peers["db"], SetChainCursor(head))
+            self._tell_db(SetChainCursor(head))
             return
         if head <= self.cursor:
             return
         last = min(head, self.cursor + EVENT_BLOCKS_MAX)
         events = self.chain.events(self.cursor + 1, last)
-        touched = {a for event in events for a in event.accounts if a in self.boards}
+        # the boards' owners, and accounts that owe (a removed board's debt, say)
+        followed = self.boards.keys() | self.blocked.keys()
+        touched = {a for event in events for a in event.accounts if a in followed}
         self.counts["events"] += len(events)
         if touched:
             self._refresh(touched, "event")
         self.cursor = last
-        tell_if_alive(self.peers["db"], SetChainCursor(last))
+        self._tell_db(SetChainCursor(last))
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _tell_db(self, message: Any) -> None:
+        db = self.peers.get("db")
+        if db is not None:
+            tell_if_alive(db, message)
 
     def _ask_db(self, message: Any) -> Any:
         db = self.peers.get("db")
