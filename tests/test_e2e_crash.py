@@ -20,11 +20,13 @@ from typing import Any
 import pykka
 import pytest
 from helpers import clear_retained, reading_count, register, stored_seqs, wait_for
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from actors.simulated_board import SimulatedBoard
-from estate.db.models import ReadingRow
+from estate.db.models import ChainTransactionRow, DeviceRow, LedgerEntryRow, ReadingRow
+from estate.fake_starknet import FakeStarknetNode, make_test_account
 from estate.messages import GetBoardState, PauseReadings
+from estate.sct_contract import normalise_address
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -198,3 +200,99 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(
                 ref.stop(block=True, timeout=10)
         gateway.cleanup()
         clear_retained(mosquitto_url, hub, ids)
+
+
+def _ledger(engine: Any) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(LedgerEntryRow.status, func.sum(LedgerEntryRow.amount)).group_by(
+                LedgerEntryRow.status
+            )
+        ).all()
+    return {status: int(amount) for status, amount in rows}
+
+
+def test_sigkill_with_a_consume_in_flight_charges_it_once(
+    gateway_process: GatewayProcess,
+    pg_url: str,
+    mosquitto_url: str,
+    hub: str,
+    engine_for: Any,
+) -> None:
+    engine = engine_for(pg_url)
+    account, key, public = make_test_account(1)
+    owners = {f"K{n:03d}": normalise_address(0xA000 + n) for n in range(1, 4)}
+    pks = register(engine, *owners)
+    with engine.begin() as conn:
+        for device_id, owner in owners.items():
+            conn.execute(
+                update(DeviceRow)
+                .where(DeviceRow.id == pks[device_id])
+                .values(account_address=owner)
+            )
+    node = FakeStarknetNode(block_time=0.05).start()
+    node.add_account(account, public)
+    node.authorise(account)
+    for owner in owners.values():
+        node.mint(owner, 1000)
+    gateway = gateway_process
+    gateway.env.update(
+        STARKNET_RPC_URL=node.url,
+        STARKNET_ACCOUNT_ADDRESS=hex(account),
+        STARKNET_PRIVATE_KEY=hex(key),
+        SCT_CONTRACT_ADDRESS=hex(node.sct_address),
+        STARKNET_BATCH_WINDOW="0.5",
+        WH_PER_TOKEN="0.002",  # about a token a second a board
+    )
+    boards: dict[str, pykka.ActorRef[Any]] = {}
+    try:
+        gateway.start()
+        for device_id in owners:
+            boards[device_id] = SimulatedBoard.start(
+                mosquitto_url, hub, device_id, interval=INTERVAL, hello_interval=0.5
+            )
+        wait_for(lambda: _ledger(engine).get("accepted", 0) >= 3, 30, "consumes accepted")
+
+        # a transaction sent, not in a block yet, when the gateway dies
+        node.pause_blocks()
+        sent = node.invoke_count
+        wait_for(lambda: node.invoke_count > sent, 30, "a transaction in flight")
+        assert _ledger(engine).get("submitted", 0) >= 1
+        gateway.kill()
+        node.resume_blocks()
+        gateway.start()
+        wait_for(lambda: _ledger(engine).get("accepted", 0) >= 12, 60, "charging again")
+
+        for ref in boards.values():
+            ref.tell(PauseReadings(True))
+
+        def settled() -> bool:
+            assert gateway.alive(), f"the gateway exited:\n{gateway.log_tail()}"
+            ledger = _ledger(engine)
+            return ledger.get("pending", 0) == ledger.get("submitted", 0) == 0
+
+        wait_for(settled, 60, "every consume settled", interval=0.2)
+        time.sleep(1.5)  # the last readings' entries
+        wait_for(settled, 60, "every consume settled", interval=0.2)
+        with engine.connect() as conn:
+            charged = dict(
+                conn.execute(
+                    select(LedgerEntryRow.account_address, func.sum(LedgerEntryRow.amount))
+                    .where(LedgerEntryRow.status == "accepted")
+                    .group_by(LedgerEntryRow.account_address)
+                ).all()
+            )
+            used_nonces = conn.execute(
+                select(func.count()).where(ChainTransactionRow.status.in_(["accepted", "reverted"]))
+            ).scalar_one()
+        # exactly once: what the chain took is what the ledger says it charged
+        assert {a: 1000 - node.balance_of(a) for a in owners.values()} == charged
+        assert node.nonce_of(account) == used_nonces
+        assert gateway.terminate(timeout=10) == 0, gateway.log_tail()
+    finally:
+        for ref in boards.values():
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                ref.stop(block=True, timeout=10)
+        gateway.cleanup()
+        node.stop()
+        clear_retained(mosquitto_url, hub, list(owners))
