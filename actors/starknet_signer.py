@@ -16,6 +16,7 @@ DeviceActors, the DbWriter and the CentralApi the results.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -149,6 +150,7 @@ class StarknetSigner(EstateActor):
         self.error_log = RateLimitedLog(self.log, interval=30.0)
 
     def setup(self) -> None:
+        self._check_key_file()
         self.chain = self.chain_factory(self.settings)
         self.log.info(
             "token accounting on: %s, account %s, SCT %s, chain %s",
@@ -158,6 +160,21 @@ class StarknetSigner(EstateActor):
             self.chain.chain,
         )
         self.ticker = Ticker(self.actor_ref, SignerTick(), TICK).start()
+
+    def _check_key_file(self) -> None:
+        """Warn when the key file (already read) can be read by other users."""
+        key_file = self.settings.starknet_private_key_file
+        try:
+            mode = os.stat(key_file).st_mode & 0o777 if key_file else 0
+        except OSError:
+            return
+        if mode & 0o077:
+            self.log.warning(
+                "STARKNET_PRIVATE_KEY_FILE=%s is readable by others (mode %o): chmod 0400 "
+                "it, owned by the gateway's user",
+                key_file,
+                mode,
+            )
 
     def teardown(self) -> None:
         if self.ticker is not None:
