@@ -15,13 +15,13 @@ about once and tried again every few minutes. No reading is dropped unrelayed.
 
 It tells the central of each accepted consumption (`token_consumption`, with the
 transaction hash and the new balance), in order; while the central is down these
-wait in memory (at most NOTIFICATIONS_MAX, the oldest dropped first) and are retried
-with backoff. The ledger in the database keeps every consumption regardless.
+wait in memory (at most NOTIFICATIONS_MAX) and are retried with backoff. Each one
+the central has is marked in the ledger (MarkNotified), so that the signer tells
+again, after a restart, what was not delivered.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -30,6 +30,7 @@ from typing import Any
 import pykka
 
 from actors.base import EstateActor, Ticker, handles, tell_if_alive
+from estate.backoff import Backoff
 from estate.central_client import (
     CentralClient,
     CentralError,
@@ -46,6 +47,7 @@ from estate.messages import (
     ClaimRelayBatch,
     DeviceActivityChanged,
     GetStats,
+    MarkNotified,
     MarkRelayed,
     NotifyConsumption,
     NotifyShutdown,
@@ -57,7 +59,7 @@ from estate.messages import (
 )
 from estate.types import DeviceId
 
-__all__ = ["Backoff", "CentralApi"]
+__all__ = ["CentralApi"]
 
 TICK = 1.0
 NO_READINGS_ENDPOINT_RETRY = 300.0
@@ -65,22 +67,6 @@ NO_READINGS_ENDPOINT_RETRY = 300.0
 PRUNE_PERIOD = 3600.0
 NOTIFICATIONS_MAX = 10_000
 """Consumption notifications kept while the central is down, at most."""
-
-
-class Backoff:
-    """Exponential backoff with full jitter: 1 s, 2 s, 4 s ... at most `ceiling`."""
-
-    def __init__(self, ceiling: float = 60.0, rng: random.Random | None = None) -> None:
-        self.ceiling, self.failures = ceiling, 0
-        self.rng = rng or random.Random()
-
-    def failed(self) -> float:
-        """Seconds to wait after one more failure."""
-        self.failures += 1
-        return self.rng.uniform(0.5, 1.0) * min(self.ceiling, 2.0 ** (self.failures - 1))
-
-    def succeeded(self) -> None:
-        self.failures = 0
 
 
 class CentralApi(EstateActor):
@@ -217,8 +203,12 @@ class CentralApi(EstateActor):
 
     @handles(NotifyConsumption)
     def _consumption(self, message: NotifyConsumption) -> None:
+        key = (message.device_id, message.tx_hash)
+        if any((n.device_id, n.tx_hash) == key for n in self.consumptions):
+            return  # told again (after a restart) while the first still waits
         if len(self.consumptions) == self.consumptions.maxlen:
-            self.counts["consumptions_dropped"] += 1
+            # the oldest goes; it stays unnotified in the ledger and is told after a restart
+            self.counts["consumptions_deferred"] += 1
         self.consumptions.append(message)
         self._report_consumptions(self.clock())
 
@@ -248,6 +238,9 @@ class CentralApi(EstateActor):
                 self._reachable()
             self.consumption_backoff.succeeded()
             self.consumptions.popleft()
+            db = self.peers.get("db")
+            if note.entry_ids and db is not None:
+                tell_if_alive(db, MarkNotified(note.entry_ids))
 
     # -- relay -----------------------------------------------------------------------------
 

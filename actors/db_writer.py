@@ -14,17 +14,20 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from actors.base import EstateActor, Ticker, handles, tell_if_alive
 from estate.db.engine import make_engine
 from estate.db.ledger import (
-    ChainTransaction,
     LedgerEntry,
+    Submission,
     get_cursor,
     ledger_summary,
+    mark_notified,
     pending_entries,
     record_balances,
+    record_replacement,
     record_submission,
     reject_entries,
     set_cursor,
     settle,
-    submitted_transactions,
+    submissions,
+    unnotified_entries,
 )
 from estate.db.outbox import OutboxState, claim_batch, mark_sent, outbox_state, prune_relayed
 from estate.db.store import Charging, apply_central_devices, load_devices, write_batch
@@ -40,9 +43,11 @@ from estate.messages import (
     GetOutboxState,
     GetPendingLedger,
     GetStats,
-    GetSubmittedTransactions,
+    GetSubmissions,
+    GetUnnotified,
     LedgerChanged,
     LoadDevices,
+    MarkNotified,
     MarkRelayed,
     PeersChanged,
     ProbeDatabase,
@@ -51,12 +56,13 @@ from estate.messages import (
     RecordCommand,
     RecordCutOff,
     RecordDeviceState,
+    RecordReplacement,
     RecordSubmission,
     RejectLedgerEntries,
     RelayBatchReady,
     RelayOutboxIdle,
     SetChainCursor,
-    SettleTransaction,
+    SettleNonce,
     StoreReading,
 )
 
@@ -409,39 +415,58 @@ class DbWriter(EstateActor):
         assert self.engine is not None
         self.flush()  # entries of readings still waiting here are committed first
         with self.engine.connect() as conn:
-            return pending_entries(conn, request.limit)
+            return pending_entries(conn, request.limit, request.skip_accounts)
 
-    @handles(GetSubmittedTransactions)
-    def _submitted(self, _message: GetSubmittedTransactions) -> tuple[ChainTransaction, ...]:
+    @handles(GetSubmissions)
+    def _submissions(self, request: GetSubmissions) -> tuple[Submission, ...]:
         assert self.engine is not None
         with self.engine.connect() as conn:
-            return submitted_transactions(conn)
+            return submissions(conn, request.sender)
 
     @handles(RecordSubmission)
-    def _record_submission(self, message: RecordSubmission) -> None:
+    def _record_submission(self, m: RecordSubmission) -> None:
         assert self.engine is not None
         with self.engine.begin() as conn:
             record_submission(
-                conn,
-                message.tx_hash,
-                message.nonce,
-                message.payload,
-                message.entry_ids,
-                datetime.now(UTC),
+                conn, m.sender, m.tx_hash, m.nonce, m.payload, m.entry_ids, datetime.now(UTC)
             )
 
-    @handles(SettleTransaction)
-    def _settle(self, message: SettleTransaction) -> tuple[LedgerEntry, ...]:
+    @handles(RecordReplacement)
+    def _record_replacement(self, m: RecordReplacement) -> None:
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            record_replacement(conn, m.sender, m.tx_hash, m.nonce, m.payload, datetime.now(UTC))
+
+    @handles(SettleNonce)
+    def _settle(self, m: SettleNonce) -> tuple[LedgerEntry, ...]:
         assert self.engine is not None
         with self.engine.begin() as conn:
             return settle(
                 conn,
-                message.tx_hash,
-                message.outcome,
+                m.sender,
+                m.nonce,
+                m.outcome,
                 datetime.now(UTC),
-                message.block_number,
-                message.reason,
+                m.tx_hash,
+                m.block_number,
+                m.reason,
             )
+
+    @handles(GetUnnotified)
+    def _unnotified(self, request: GetUnnotified) -> tuple[LedgerEntry, ...]:
+        assert self.engine is not None
+        with self.engine.connect() as conn:
+            return unnotified_entries(conn, request.limit)
+
+    @handles(MarkNotified)
+    def _notified(self, message: MarkNotified) -> None:
+        assert self.engine is not None
+        try:
+            with self.engine.begin() as conn:
+                mark_notified(conn, message.entry_ids, datetime.now(UTC))
+        except SQLAlchemyError as exc:
+            # told again after a restart: the central sees one consumption twice at worst
+            self.error_log.warning("ledger", "cannot mark consumption notified: %s", _short(exc))
 
     @handles(RejectLedgerEntries)
     def _reject(self, message: RejectLedgerEntries) -> int:

@@ -153,10 +153,10 @@ class Supervisor(EstateActor):
             _retire(ref, "shutdown")
         for ref in self.devices.values():
             _join(ref)
+        if "signer" in self.core:
+            _join(self.core["signer"])  # before its ledger: what it was doing is recorded
         if "db" in self.core:
             _join(self.core["db"])  # the final flush, and acks to the still running MQTT
-        if "signer" in self.core:
-            _join(self.core["signer"])  # after the writer's final flush recorded its entries
         if "central" in self.core:
             try:
                 self.core["central"].ask(NotifyShutdown(), timeout=SHUTDOWN_CALL_TIMEOUT)

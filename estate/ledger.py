@@ -9,7 +9,7 @@ until its balance grows.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -55,15 +55,14 @@ class Plan:
 def plan_consumes(
     entries: Iterable[LedgerEntry],
     balances: Mapping[str, int],
-    blocked: Mapping[str, int],
+    skip: Collection[str],
     max_calls: int,
 ) -> Plan:
     """One `consume` per account, oldest accounts first, at most `max_calls` of them.
 
     An account's entries are taken oldest first as long as its known balance covers
     their sum (an unknown balance lets them all through: the fee estimate decides).
-    An account in `blocked` (account -> its balance when its consume reverted) waits
-    until its balance is above that mark.
+    Accounts in `skip` (whose known balance proved wrong and is not read again yet) wait.
     """
     by_account: dict[str, list[LedgerEntry]] = {}
     for entry in sorted(entries, key=lambda e: e.id):
@@ -73,7 +72,7 @@ def plan_consumes(
     more = False
     for account, owed in by_account.items():
         balance = balances.get(account)
-        if account in blocked and (balance is None or balance <= blocked[account]):
+        if account in skip:
             waiting[account] = sum(e.amount for e in owed)
             continue
         taken: list[LedgerEntry] = []

@@ -63,6 +63,12 @@ class RateLimitedLog:
         self._suppressed: dict[str, int] = {}
 
     def warning(self, key: str, message: str, *args: object) -> None:
+        self.log(logging.WARNING, key, message, *args)
+
+    def error(self, key: str, message: str, *args: object) -> None:
+        self.log(logging.ERROR, key, message, *args)
+
+    def log(self, level: int, key: str, message: str, *args: object) -> None:
         now = self._clock()
         last = self._last.get(key)
         if last is not None and now - last < self._interval:
@@ -73,4 +79,4 @@ class RateLimitedLog:
         if suppressed:
             message += " (%d similar suppressed)"
             args = (*args, suppressed)
-        self._logger.warning(message, *args)
+        self._logger.log(level, message, *args)

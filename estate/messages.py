@@ -503,11 +503,15 @@ class SignerTick:
 
 @attrs.frozen
 class NotifyConsumption:
-    """Tell the central (`POST /token_consumption`) that a board's tokens were consumed."""
+    """Tell the central (`POST /token_consumption`) that a board's tokens were consumed.
+
+    Once the central has it, the CentralApi tells the DbWriter MarkNotified(entry_ids).
+    """
 
     device_id: DeviceId
     tx_hash: str
     balance: int
+    entry_ids: tuple[int, ...] = ()
 
 
 # -- the ledger (StarknetSigner -> DbWriter; asked, with a timeout) ------------------------
@@ -515,20 +519,25 @@ class NotifyConsumption:
 
 @attrs.frozen
 class GetPendingLedger:
-    """The oldest pending ledger entries (a tuple of `estate.db.ledger.LedgerEntry`)."""
+    """The oldest pending ledger entries (a tuple of `estate.db.ledger.LedgerEntry`),
+    but those of `skip_accounts`."""
 
     limit: int = 10_000
+    skip_accounts: frozenset[str] = frozenset()
 
 
 @attrs.frozen
-class GetSubmittedTransactions:
-    """Signed transactions not settled yet (a tuple of `estate.db.ledger.ChainTransaction`)."""
+class GetSubmissions:
+    """`sender`'s nonces not settled yet (a tuple of `estate.db.ledger.Submission`)."""
+
+    sender: str
 
 
 @attrs.frozen
 class RecordSubmission:
     """Commit a signed transaction and its entries' `submitted` state (before sending it)."""
 
+    sender: str
     tx_hash: str
     nonce: int
     payload: str
@@ -536,13 +545,39 @@ class RecordSubmission:
 
 
 @attrs.frozen
-class SettleTransaction:
-    """Settle a submitted transaction: `accepted`, `reverted` or `dropped`; answers its entries."""
+class RecordReplacement:
+    """Commit a transaction signed anew, same nonce and calls, for one the node lost."""
 
+    sender: str
     tx_hash: str
+    nonce: int
+    payload: str
+
+
+@attrs.frozen
+class SettleNonce:
+    """Settle a nonce: `tx_hash` `accepted` or `reverted`, or `dropped`; answers its entries."""
+
+    sender: str
+    nonce: int
     outcome: str
+    tx_hash: str | None = None
     block_number: int | None = None
     reason: str | None = None
+
+
+@attrs.frozen
+class GetUnnotified:
+    """Accepted ledger entries the central was not told of (a tuple of LedgerEntry)."""
+
+    limit: int = 1000
+
+
+@attrs.frozen
+class MarkNotified:
+    """The central has these entries' consumption."""
+
+    entry_ids: tuple[int, ...]
 
 
 @attrs.frozen
@@ -564,13 +599,13 @@ class RecordBalances:
 class GetChainCursor:
     """The last block whose events were processed (int or None)."""
 
-    name: str = "sct_events"
+    name: str
 
 
 @attrs.frozen
 class SetChainCursor:
+    name: str
     block_number: int
-    name: str = "sct_events"
 
 
 @attrs.frozen

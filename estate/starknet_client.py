@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -51,6 +52,8 @@ __all__ = [
     "StarknetChain",
     "TxOutcome",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHAINS = {"SN_SEPOLIA": StarknetChainId.SEPOLIA, "SN_MAIN": StarknetChainId.MAINNET}
 
@@ -252,11 +255,14 @@ class StarknetChain:
 
         return self._run(block())
 
-    def nonce(self) -> int:
-        """The account's next nonce, counting transactions in the pre-confirmed block."""
+    def nonce(self, block: str = "pre_confirmed") -> int:
+        """The account's next nonce at `block` (`pre_confirmed` or `latest`).
+
+        Transactions still waiting for a block are not counted (as on a real node).
+        """
 
         async def nonce() -> int:
-            return await (await self._ensure()).get_nonce(block_number="pre_confirmed")
+            return await (await self._ensure()).get_nonce(block_number=block)
 
         return self._run(nonce())
 
@@ -283,7 +289,7 @@ class StarknetChain:
         async def one(address: str) -> int | ChainError:
             async with limit:
                 try:
-                    return await self._balance(address)
+                    return await asyncio.wait_for(self._balance(address), self.timeout)
                 except ClientError as exc:
                     return _translate(exc, self.rpc_url)
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -320,7 +326,18 @@ class StarknetChain:
                     continuation_token=token,
                     chunk_size=EVENTS_CHUNK,
                 )
-                found.extend(e for e in map(self._event, chunk.events) if e is not None)
+                for emitted in chunk.events:
+                    try:
+                        event = self._event(emitted)
+                    except (ValueError, KeyError, TypeError, IndexError) as exc:
+                        logger.warning(
+                            "skipping an SCT event the ABI does not describe (block %s): %s",
+                            emitted.block_number,
+                            exc,
+                        )
+                        continue
+                    if event is not None:
+                        found.append(event)
                 token = chunk.continuation_token
                 if token is None:
                     return found
@@ -449,7 +466,12 @@ def _translate(exc: ClientError, url: str) -> ChainError:
     elif code == INVALID_TRANSACTION_NONCE:
         error = NonceError(f"the node refused the nonce: {detail}")
     elif code in (CONTRACT_ERROR, TRANSACTION_EXECUTION_ERROR):
-        error = ChainReverted(_revert_reason(exc))
+        reason = _revert_reason(exc)
+        # a simulation with a used nonce fails in the account's validation, not the contract
+        is_nonce = "nonce" in reason.lower() and "invalid" in reason.lower()
+        error = NonceError(f"the node refused the nonce: {reason}") if is_nonce else (
+            ChainReverted(reason)
+        )
     else:
         error = ChainRejected(f"the Starknet node refused the request: {detail}")
     error.code = code  # type: ignore[attr-defined]

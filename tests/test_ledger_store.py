@@ -16,11 +16,12 @@ from estate.db.ledger import (
     ledger_summary,
     pending_entries,
     record_balances,
+    record_replacement,
     record_submission,
     reject_entries,
     set_cursor,
     settle,
-    submitted_transactions,
+    submissions,
 )
 from estate.db.models import ChainTransactionRow, DeviceRow, LedgerEntryRow
 from estate.db.store import Charging, load_devices, register_device, write_batch
@@ -31,6 +32,7 @@ OWNER = "0x04a1"
 OWNER_FULL = "0x" + "4a1".rjust(64, "0")
 NOW = datetime(2024, 6, 1, 13, tzinfo=UTC)
 WH = Charging(wh_per_token=1.0)
+GATEWAY = "0x" + "9".rjust(64, "0")
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def test_each_full_token_of_energy_becomes_one_pending_entry(
     assert entries(engine) == []
     written = charge(engine, consumer, range(3, 5))  # 1.6 Wh
     assert written.charged == 1
-    assert entries(engine) == [(consumer, OWNER, 1, "pending")]
+    assert entries(engine) == [(consumer, OWNER_FULL, 1, "pending")]
     assert charge_wh(engine, consumer) == pytest.approx(0.6)
 
 
@@ -87,7 +89,7 @@ def test_several_tokens_in_one_flush_are_one_entry_of_that_amount(
     engine: Engine, consumer: DevicePk
 ) -> None:
     charge(engine, consumer, range(1, 8), energy_wh=0.5)  # 3.5 Wh
-    assert entries(engine) == [(consumer, OWNER, 3, "pending")]
+    assert entries(engine) == [(consumer, OWNER_FULL, 3, "pending")]
     assert charge_wh(engine, consumer) == pytest.approx(0.5)
 
 
@@ -104,6 +106,13 @@ def test_the_accumulator_survives_a_restart(engine: Engine, consumer: DevicePk) 
         (record,) = load_devices(conn)
     assert record.charge_wh == pytest.approx(0.8)
     charge(engine, consumer, range(3, 4))  # 1.2 Wh in all
+    assert [e[2] for e in entries(engine)] == [1]
+
+
+def test_energy_flowing_back_is_not_credited(engine: Engine, consumer: DevicePk) -> None:
+    charge(engine, consumer, range(1, 3), energy_wh=0.6)  # 1.2 Wh: 1 token, 0.2 left
+    charge(engine, consumer, range(3, 6), energy_wh=-0.5)
+    assert charge_wh(engine, consumer) == pytest.approx(0.2)
     assert [e[2] for e in entries(engine)] == [1]
 
 
@@ -144,7 +153,7 @@ def pending_ids(engine: Engine) -> list[int]:
 
 def submit(engine: Engine, tx_hash: str, ids: list[int], nonce: int = 7) -> None:
     with engine.begin() as conn:
-        record_submission(conn, tx_hash, nonce, '{"signed": true}', ids, NOW)
+        record_submission(conn, GATEWAY, tx_hash, nonce, '{"signed": true}', ids, NOW)
 
 
 def test_submission_is_recorded_with_its_payload_then_accepted(
@@ -154,14 +163,17 @@ def test_submission_is_recorded_with_its_payload_then_accepted(
     ids = pending_ids(engine)
     submit(engine, "0xaa", ids)
     with engine.connect() as conn:
-        (tx,) = submitted_transactions(conn)
+        (left,) = submissions(conn, GATEWAY)
         assert pending_entries(conn) == ()
-    assert (tx.tx_hash, tx.nonce, tx.payload) == ("0xaa", 7, '{"signed": true}')
-    assert [(e.id, e.device_id, e.status) for e in tx.entries] == [(ids[0], "H001", "submitted")]
+        assert submissions(conn, "0x1") == ()  # another gateway's account has none
+    assert (left.nonce, left.candidates) == (7, (("0xaa", '{"signed": true}'),))
+    assert [(e.id, e.device_id, e.status) for e in left.entries] == [
+        (ids[0], "H001", "submitted")
+    ]
     with engine.begin() as conn:
-        settled = settle(conn, "0xaa", "accepted", NOW, block_number=12)
-        assert settle(conn, "0xaa", "accepted", NOW) == ()  # once only
-        assert submitted_transactions(conn) == ()
+        settled = settle(conn, GATEWAY, 7, "accepted", NOW, "0xaa", block_number=12)
+        assert settle(conn, GATEWAY, 7, "accepted", NOW, "0xaa") == ()  # once only
+        assert submissions(conn, GATEWAY) == ()
         block = conn.execute(select(ChainTransactionRow.block_number)).scalar_one()
     assert [e.id for e in settled] == ids
     assert block == 12
@@ -176,7 +188,8 @@ def test_reverted_or_dropped_entries_are_pending_again(
     ids = pending_ids(engine)
     submit(engine, "0xbb", ids)
     with engine.begin() as conn:
-        settle(conn, "0xbb", outcome, NOW, reason="INSUFFICIENT BALANCE")
+        winner = "0xbb" if outcome == "reverted" else None
+        settle(conn, GATEWAY, 7, outcome, NOW, winner, reason="INSUFFICIENT BALANCE")
         (entry,) = pending_entries(conn)
     assert (entry.id, entry.tx_hash, entry.nonce, entry.attempts) == (ids[0], None, None, 1)
 
@@ -190,7 +203,43 @@ def test_entries_no_longer_pending_cannot_be_submitted_twice(
     with pytest.raises(LedgerConflict, match="no longer pending"):
         submit(engine, "0xdd", ids, nonce=8)
     with engine.connect() as conn:
-        assert [t.tx_hash for t in submitted_transactions(conn)] == ["0xcc"]
+        assert [s.candidates[0][0] for s in submissions(conn, GATEWAY)] == ["0xcc"]
+
+
+def test_a_replacement_charges_the_same_entries_whichever_is_included(
+    engine: Engine, consumer: DevicePk
+) -> None:
+    charge(engine, consumer, range(1, 4))
+    ids = pending_ids(engine)
+    submit(engine, "0xee", ids)
+    with engine.begin() as conn:
+        record_replacement(conn, GATEWAY, "0xff", 7, '{"again": true}', NOW)
+        (left,) = submissions(conn, GATEWAY)
+        assert [h for h, _p in left.candidates] == ["0xee", "0xff"]
+        assert [e.tx_hash for e in left.entries] == ["0xff"]
+        # the first one was included after all: it settles the nonce, the other is replaced
+        settled = settle(conn, GATEWAY, 7, "accepted", NOW, "0xee", block_number=3)
+        statuses = dict(
+            conn.execute(select(ChainTransactionRow.tx_hash, ChainTransactionRow.status)).all()
+        )
+        (entry,) = conn.execute(select(LedgerEntryRow.status, LedgerEntryRow.tx_hash)).all()
+    assert [e.id for e in settled] == ids
+    assert statuses == {"0xee": "accepted", "0xff": "replaced"}
+    assert tuple(entry) == ("accepted", "0xee")
+
+
+def test_a_replacement_needs_a_nonce_in_flight(engine: Engine) -> None:
+    with engine.begin() as conn, pytest.raises(LedgerConflict, match="no transaction"):
+        record_replacement(conn, GATEWAY, "0x11", 3, "{}", NOW)
+
+
+def test_pending_entries_of_skipped_accounts_are_left_out(
+    engine: Engine, consumer: DevicePk
+) -> None:
+    charge(engine, consumer, range(1, 4))
+    with engine.connect() as conn:
+        assert pending_entries(conn, skip_accounts=[OWNER_FULL]) == ()
+        assert len(pending_entries(conn, skip_accounts=["0x" + "1".rjust(64, "0")])) == 1
 
 
 def test_rejected_entries_leave_the_queue(engine: Engine, consumer: DevicePk) -> None:

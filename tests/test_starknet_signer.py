@@ -33,6 +33,7 @@ from estate.messages import (
     TokenAccount,
 )
 from estate.sct_contract import normalise_address
+from estate.starknet_client import StarknetChain
 from estate.types import DeviceId, DevicePk
 
 pytestmark = pytest.mark.integration
@@ -250,7 +251,7 @@ def test_a_restart_between_submission_and_acceptance_charges_once(
 def test_a_transaction_the_node_lost_is_sent_again_unchanged(
     make_rig: Callable[..., Rig], node: FakeStarknetNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("actors.starknet_signer.RESEND_AFTER", 0.5)
+    monkeypatch.setattr("estate.settlement.RESEND_AFTER", 0.5)
     rig = make_rig()
     (board,) = rig.add_boards(1, balance=10)
     rig.start()
@@ -282,8 +283,9 @@ def test_an_account_that_cannot_pay_is_isolated_and_the_others_charged(
         int(rig.accounts[c], 16),
     ]
     stats = rig.stats()
-    assert stats["blocked_accounts"] == 1
+    assert stats["accounts_owing"] == 1
     assert stats["reverting_calls"] == 1
+    assert rig.balances_told(b, "sync")[-1] == 0  # its board learns it has nothing left
 
     node.mint(rig.accounts[b], 3)
     assert rig.signer is not None
@@ -364,3 +366,100 @@ def _device_balances(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
         rows = conn.execute(select(DeviceRow.device_id, DeviceRow.balance)).all()
     return dict(rows)
+
+
+def test_an_account_that_can_pay_part_pays_that_part(
+    make_rig: Callable[..., Rig], node: FakeStarknetNode
+) -> None:
+    rig = make_rig(STARKNET_EVENT_POLL_INTERVAL="3600")
+    (board,) = rig.add_boards(1, balance=5)
+    rig.start()
+    wait_for(lambda: rig.balances_told(board, "sync") == [5], 10, "balance at start")
+    node.transfer(rig.accounts[board], owner(99), 3)  # 2 left, unseen by the signer
+    for _ in range(3):
+        rig.consume(board)
+    wait_for(lambda: rig.statuses() == {"accepted": 2, "pending": 1}, 20, "2 of 3 charged")
+    assert node.balance_of(rig.accounts[board]) == 0
+    # its board learns it is at 0 (and a consumer at 0 is cut off)
+    wait_for(lambda: rig.balances_told(board)[-1] == 0, 10, "the board told of 0")
+
+
+def test_a_gateway_not_authorised_rejects_nothing(
+    make_rig: Callable[..., Rig], node: FakeStarknetNode
+) -> None:
+    outsider, key, public = make_test_account(7)
+    node.add_account(outsider, public)  # an account the SCT does not know as a hub
+    rig = make_rig(STARKNET_ACCOUNT_ADDRESS=hex(outsider), STARKNET_PRIVATE_KEY=hex(key))
+    (board,) = rig.add_boards(1, balance=10)
+    rig.start()
+    rig.consume(board)
+    wait_for(lambda: rig.stats().get("refusals", 0) >= 1, 15, "the refusal noticed")
+    assert rig.statuses() == {"pending": 1}
+    assert node.invoke_count == 0
+    node.authorise(outsider)  # the operator fixes it: the consume goes through
+    wait_for(lambda: rig.statuses() == {"accepted": 1}, 90, "charged once authorised")
+
+
+def test_a_nonce_used_by_another_client_is_read_again(
+    make_rig: Callable[..., Rig], node: FakeStarknetNode
+) -> None:
+    rig = make_rig()
+    (board,) = rig.add_boards(1, balance=10)
+    rig.start()
+    rig.consume(board)
+    wait_for(lambda: rig.statuses() == {"accepted": 1}, 15, "a first consume")
+    # the owner's wallet uses the gateway's account meanwhile
+    other = StarknetChain(node.url, hex(GATEWAY), hex(GATEWAY_KEY), hex(node.sct_address))
+    try:
+        other.send(other.sign_consumes([(rig.accounts[board], 1)], other.nonce()).payload)
+        assert node.wait_until_included()
+    finally:
+        other.close()
+    rig.consume(board)
+    wait_for(lambda: rig.statuses() == {"accepted": 2}, 30, "charged after the nonce error")
+    assert node.balance_of(rig.accounts[board]) == 7
+    assert rig.stats().get("nonce_errors", 0) >= 1
+
+
+def test_a_lost_transaction_the_node_refuses_again_is_replaced_and_charged_once(
+    make_rig: Callable[..., Rig], node: FakeStarknetNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("estate.settlement.RESEND_AFTER", 0.5)
+    rig = make_rig()
+    (board,) = rig.add_boards(1, balance=10)
+    rig.start()
+    node.lose_next_invoke()
+    rig.consume(board)
+    wait_for(lambda: node.invoke_count == 1, 10, "the lost transaction")
+    node.gas_prices["l2_gas"] *= 10  # its bounds are too low now: sending it again fails
+    wait_for(lambda: rig.statuses() == {"accepted": 1}, 20, "the replacement accepted")
+    assert node.balance_of(rig.accounts[board]) == 9
+    lost, replacement = node.transactions
+    assert lost.nonce == replacement.nonce
+    assert lost.hash != replacement.hash
+    assert rig.stats()["replacements"] == 1
+
+
+def test_the_central_is_told_after_a_restart_what_it_missed(
+    make_rig: Callable[..., Rig], node: FakeStarknetNode
+) -> None:
+    rig = make_rig()
+    (board,) = rig.add_boards(1, balance=10)
+    rig.start()
+    rig.consume(board)
+    wait_for(lambda: rig.statuses() == {"accepted": 1}, 15, "a consume accepted")
+    (first,) = wait_for(lambda: _notes(rig), 10, "the central told")
+    # the central never confirmed it (no MarkNotified): a restarted signer tells it again
+    rig.stop_signer()
+    rig.start_signer()
+    wait_for(lambda: len(_notes(rig)) == 2, 15, "the central told again")
+    again = _notes(rig)[1]
+    assert (again.device_id, again.tx_hash, again.entry_ids) == (
+        first.device_id,
+        first.tx_hash,
+        first.entry_ids,
+    )
+
+
+def _notes(rig: Rig) -> list[NotifyConsumption]:
+    return [m for m in rig.central.ask(GetRecorded()) if isinstance(m, NotifyConsumption)]

@@ -42,11 +42,9 @@ def upgrade() -> None:
         sa.Column("settled_at", Timestamp, nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("error", sa.String(length=300), nullable=True),
+        sa.Column("notified_at", Timestamp, nullable=True),
         sa.ForeignKeyConstraint(
-            ["device_pk"],
-            ["devices.id"],
-            name=op.f("fk_ledger_entries_device_pk_devices"),
-            ondelete="CASCADE",
+            ["device_pk"], ["devices.id"], name=op.f("fk_ledger_entries_device_pk_devices")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ledger_entries")),
     )
@@ -55,6 +53,7 @@ def upgrade() -> None:
     op.create_table(
         "chain_transactions",
         sa.Column("tx_hash", sa.String(length=66), nullable=False),
+        sa.Column("sender", sa.String(length=66), nullable=False),
         sa.Column("nonce", sa.BigInteger(), nullable=False),
         sa.Column("payload", sa.Text(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
@@ -64,7 +63,9 @@ def upgrade() -> None:
         sa.Column("revert_reason", sa.String(length=300), nullable=True),
         sa.PrimaryKeyConstraint("tx_hash", name=op.f("pk_chain_transactions")),
     )
-    op.create_index("ix_chain_transactions_status", "chain_transactions", ["status"])
+    op.create_index(
+        "ix_chain_transactions_sender", "chain_transactions", ["sender", "status", "nonce"]
+    )
     op.create_table(
         "chain_cursors",
         sa.Column("name", sa.String(length=32), nullable=False),
@@ -76,7 +77,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("chain_cursors")
-    op.drop_index("ix_chain_transactions_status", table_name="chain_transactions")
+    op.drop_index("ix_chain_transactions_sender", table_name="chain_transactions")
     op.drop_table("chain_transactions")
     op.drop_index("ix_ledger_entries_tx", table_name="ledger_entries")
     op.drop_index("ix_ledger_entries_status", table_name="ledger_entries")

@@ -1,17 +1,20 @@
 """The token ledger: consumptions to charge on chain, the transactions that charge them.
 
 An entry is `pending` until the StarknetSigner puts it in a signed transaction; the
-transaction and the entries' `submitted` state are committed together *before* the
-transaction is sent, so that a crash at any point leaves a record of every
-transaction that may be on chain and nothing is ever signed twice. The receipt then
-settles the transaction: its entries become `accepted`, or `pending` again when it
-reverted or was dropped (never included, its nonce reused by none of ours).
+transaction and the entries' `submitted` state (with the nonce) are committed
+together *before* the transaction is sent, so that after a crash at any point every
+transaction that may be on chain is known and nothing is ever signed twice. A
+transaction the node lost is replaced by one with the same nonce and the same calls,
+so at most one of them can be included. Settling a nonce settles its entries:
+`accepted`, or `pending` again when the transaction reverted or the nonce was used by
+none of them (`dropped`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 import attrs
 from sqlalchemy import Connection, func, insert, select, update
@@ -21,21 +24,24 @@ from estate.sct_contract import normalise_address
 from estate.types import DeviceId, DevicePk
 
 __all__ = [
-    "ChainTransaction",
     "LedgerConflict",
     "LedgerEntry",
+    "Submission",
     "get_cursor",
     "ledger_summary",
+    "mark_notified",
     "pending_entries",
     "record_balances",
+    "record_replacement",
     "record_submission",
     "reject_entries",
     "set_cursor",
     "settle",
-    "submitted_transactions",
+    "submissions",
+    "unnotified_entries",
 ]
 
-SETTLED = ("accepted", "reverted", "dropped")
+OUTCOMES = ("accepted", "reverted", "dropped")
 
 
 class LedgerConflict(RuntimeError):
@@ -56,12 +62,12 @@ class LedgerEntry:
 
 
 @attrs.frozen
-class ChainTransaction:
-    """A signed transaction not yet settled, with the entries it charges."""
+class Submission:
+    """A nonce of the gateway's account not settled yet: its signed transactions
+    (`candidates`, (tx_hash, payload), oldest first) and the entries they charge."""
 
-    tx_hash: str
     nonce: int
-    payload: str
+    candidates: tuple[tuple[str, str], ...]
     entries: tuple[LedgerEntry, ...]
 
 
@@ -85,28 +91,57 @@ def _entries(conn: Connection, *where) -> tuple[LedgerEntry, ...]:
     return tuple(LedgerEntry(*row) for row in rows)
 
 
-def pending_entries(conn: Connection, limit: int = 10_000) -> tuple[LedgerEntry, ...]:
-    """The oldest pending entries, in the order they were recorded."""
+def pending_entries(
+    conn: Connection, limit: int = 10_000, skip_accounts: Collection[str] = ()
+) -> tuple[LedgerEntry, ...]:
+    """The oldest pending entries, in the order they were recorded, but those of
+    `skip_accounts` (normalised addresses), so that accounts that cannot pay never
+    crowd out the others."""
     ids = select(LedgerEntryRow.id).where(LedgerEntryRow.status == "pending")
+    if skip_accounts:
+        ids = ids.where(LedgerEntryRow.account_address.not_in(list(skip_accounts)))
     ids = ids.order_by(LedgerEntryRow.id).limit(limit).scalar_subquery()
     return _entries(conn, LedgerEntryRow.id.in_(ids))
 
 
-def submitted_transactions(conn: Connection) -> tuple[ChainTransaction, ...]:
-    """Every transaction signed and not settled yet, oldest nonce first."""
-    rows = conn.execute(
-        select(ChainTransactionRow.tx_hash, ChainTransactionRow.nonce, ChainTransactionRow.payload)
-        .where(ChainTransactionRow.status == "submitted")
+def _candidates(conn: Connection, sender: str, nonce: int) -> list[tuple[str, str]]:
+    return [
+        (tx_hash, payload)
+        for tx_hash, payload in conn.execute(
+            select(ChainTransactionRow.tx_hash, ChainTransactionRow.payload)
+            .where(
+                ChainTransactionRow.sender == sender,
+                ChainTransactionRow.nonce == nonce,
+                ChainTransactionRow.status == "submitted",
+            )
+            .order_by(ChainTransactionRow.created_at, ChainTransactionRow.tx_hash)
+        )
+    ]
+
+
+def _submitted_entries(hashes: Collection[str]) -> tuple[Any, Any]:
+    return (LedgerEntryRow.status == "submitted", LedgerEntryRow.tx_hash.in_(list(hashes)))
+
+
+def submissions(conn: Connection, sender: str) -> tuple[Submission, ...]:
+    """Every nonce of `sender` with a transaction not settled yet, lowest first."""
+    nonces = conn.execute(
+        select(ChainTransactionRow.nonce)
+        .where(ChainTransactionRow.sender == sender, ChainTransactionRow.status == "submitted")
+        .distinct()
         .order_by(ChainTransactionRow.nonce)
-    ).all()
-    return tuple(
-        ChainTransaction(tx_hash, nonce, payload, _entries(conn, LedgerEntryRow.tx_hash == tx_hash))
-        for tx_hash, nonce, payload in rows
-    )
+    ).scalars()
+    found = []
+    for nonce in list(nonces):
+        candidates = _candidates(conn, sender, nonce)
+        entries = _entries(conn, *_submitted_entries([h for h, _p in candidates]))
+        found.append(Submission(nonce, tuple(candidates), entries))
+    return tuple(found)
 
 
 def record_submission(
     conn: Connection,
+    sender: str,
     tx_hash: str,
     nonce: int,
     payload: str,
@@ -120,7 +155,12 @@ def record_submission(
     """
     conn.execute(
         insert(ChainTransactionRow).values(
-            tx_hash=tx_hash, nonce=nonce, payload=payload, status="submitted", created_at=now
+            tx_hash=tx_hash,
+            sender=sender,
+            nonce=nonce,
+            payload=payload,
+            status="submitted",
+            created_at=now,
         )
     )
     marked = conn.execute(
@@ -141,43 +181,82 @@ def record_submission(
         )
 
 
+def record_replacement(
+    conn: Connection, sender: str, tx_hash: str, nonce: int, payload: str, now: datetime
+) -> None:
+    """Record a transaction signed anew for a nonce whose transaction the node lost.
+
+    It carries the same calls; the nonce's entries now name it as their latest.
+    """
+    previous = [h for h, _p in _candidates(conn, sender, nonce)]
+    if not previous:
+        raise LedgerConflict(f"nonce {nonce} of {sender} has no transaction to replace")
+    conn.execute(
+        insert(ChainTransactionRow).values(
+            tx_hash=tx_hash,
+            sender=sender,
+            nonce=nonce,
+            payload=payload,
+            status="submitted",
+            created_at=now,
+        )
+    )
+    conn.execute(
+        update(LedgerEntryRow)
+        .where(*_submitted_entries(previous))
+        .values(tx_hash=tx_hash, attempts=LedgerEntryRow.attempts + 1)
+    )
+
+
 def settle(
     conn: Connection,
-    tx_hash: str,
+    sender: str,
+    nonce: int,
     outcome: str,
     now: datetime,
+    tx_hash: str | None = None,
     block_number: int | None = None,
     reason: str | None = None,
 ) -> tuple[LedgerEntry, ...]:
-    """Settle a submitted transaction: `accepted`, `reverted` or `dropped`.
+    """Settle a nonce: `tx_hash` was included and `accepted` or `reverted`, or the nonce
+    was used by none of its transactions (`dropped`).
 
-    Accepted: its entries are accepted. Reverted or dropped: its entries are pending
-    again (with `reason` as their last error), to go in a later transaction. Return
-    the entries as they were before (so the caller knows whom they charge). Settling
-    an already settled transaction changes nothing and returns ().
+    Accepted: its entries are accepted. Reverted or dropped: they are pending again
+    (with `reason` as their last error). The nonce's other transactions are `replaced`.
+    Return the entries as they were (so the caller knows whom they charge); settling a
+    settled nonce changes nothing and returns ().
     """
-    if outcome not in SETTLED:
-        raise ValueError(f"outcome {outcome!r}: expected one of {', '.join(SETTLED)}")
-    done = conn.execute(
-        update(ChainTransactionRow)
-        .where(ChainTransactionRow.tx_hash == tx_hash, ChainTransactionRow.status == "submitted")
-        .values(
-            status=outcome,
-            settled_at=now,
-            block_number=block_number,
-            revert_reason=reason[:300] if reason else None,
-        )
-    ).rowcount
-    if not done:
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome {outcome!r}: expected one of {', '.join(OUTCOMES)}")
+    if outcome != "dropped" and tx_hash is None:
+        raise ValueError(f"an {outcome} nonce needs the hash of the transaction included")
+    hashes = [h for h, _p in _candidates(conn, sender, nonce)]
+    if not hashes:
         return ()
-    entries = _entries(conn, LedgerEntryRow.tx_hash == tx_hash)
-    mine = LedgerEntryRow.tx_hash == tx_hash
+    entries = _entries(conn, *_submitted_entries(hashes))
+    mine = _submitted_entries(hashes)
+    for candidate in hashes:
+        status = outcome if outcome == "dropped" or candidate == tx_hash else "replaced"
+        conn.execute(
+            update(ChainTransactionRow)
+            .where(ChainTransactionRow.tx_hash == candidate)
+            .values(
+                status=status,
+                settled_at=now,
+                block_number=block_number if candidate == tx_hash else None,
+                revert_reason=reason[:300] if reason and candidate == tx_hash else None,
+            )
+        )
     if outcome == "accepted":
-        conn.execute(update(LedgerEntryRow).where(mine).values(status="accepted", settled_at=now))
+        conn.execute(
+            update(LedgerEntryRow)
+            .where(*mine)
+            .values(status="accepted", tx_hash=tx_hash, settled_at=now)
+        )
     else:
         conn.execute(
             update(LedgerEntryRow)
-            .where(mine)
+            .where(*mine)
             .values(
                 status="pending",
                 tx_hash=None,
@@ -187,6 +266,23 @@ def settle(
             )
         )
     return entries
+
+
+def unnotified_entries(conn: Connection, limit: int = 1000) -> tuple[LedgerEntry, ...]:
+    """Accepted entries the central has not been told of yet, oldest first."""
+    ids = select(LedgerEntryRow.id).where(
+        LedgerEntryRow.status == "accepted", LedgerEntryRow.notified_at.is_(None)
+    )
+    ids = ids.order_by(LedgerEntryRow.id).limit(limit).scalar_subquery()
+    return _entries(conn, LedgerEntryRow.id.in_(ids))
+
+
+def mark_notified(conn: Connection, entry_ids: Iterable[int], now: datetime) -> None:
+    conn.execute(
+        update(LedgerEntryRow)
+        .where(LedgerEntryRow.id.in_(list(entry_ids)))
+        .values(notified_at=now)
+    )
 
 
 def reject_entries(conn: Connection, entry_ids: Iterable[int], reason: str, now: datetime) -> int:

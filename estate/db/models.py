@@ -16,6 +16,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -84,9 +86,9 @@ class DeviceRow(Base):
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
     last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime)
     energy_total_wh: Mapped[float] = mapped_column(Float, default=0.0)
-    charge_wh: Mapped[float] = mapped_column(Float, default=0.0)
+    charge_wh: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
     """Energy a consumer used that is not charged yet (less than one token's worth)."""
-    load_cut_off: Mapped[bool] = mapped_column(Boolean, default=False)
+    load_cut_off: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """The gateway switched the load off for want of tokens."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -155,11 +157,13 @@ class CommandRow(Base):
 
 
 class LedgerEntryRow(Base):
-    """One consumption to charge on chain: `amount` SCT from `account_address`.
+    """One consumption to charge on chain: `amount` SCT from `account_address` (normalised).
 
-    `pending` until put in a transaction, then `submitted` (with its `tx_hash` and
-    `nonce`), then `accepted`, or `rejected` when the contract refuses it for good.
-    It is written in the transaction that stored the readings whose energy it charges.
+    `pending` until put in a transaction, then `submitted` (with its `nonce` and the
+    `tx_hash` of its latest signed transaction), then `accepted`, or `rejected` when
+    the contract refuses it for good. It is written in the transaction that stored the
+    readings whose energy it charges. `notified_at`: when the central was told.
+    A device with ledger entries cannot be deleted (its debt would vanish).
     """
 
     __tablename__ = "ledger_entries"
@@ -169,7 +173,7 @@ class LedgerEntryRow(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    device_pk: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    device_pk: Mapped[int] = mapped_column(ForeignKey("devices.id"))
     account_address: Mapped[str] = mapped_column(String(66))
     amount: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), default="pending")
@@ -180,20 +184,25 @@ class LedgerEntryRow(Base):
     settled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(String(300))
+    notified_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class ChainTransactionRow(Base):
-    """An invoke the gateway signed: recorded before it is sent, so it is never signed twice.
+    """An invoke the gateway signed, recorded before it is sent.
 
-    `payload` is the signed transaction as broadcast (JSON), to send the very same
-    transaction again if the node lost it. `status`: `submitted`, `accepted`,
-    `reverted` or `dropped` (its nonce was used by no transaction of ours).
+    `sender` is the gateway account that signed it. Several rows may share a nonce: a
+    transaction the node lost is replaced by one signed anew with the same nonce and
+    the same calls, so that at most one of them can ever be included. `payload` is
+    the signed transaction as broadcast (JSON), to send it again unchanged. `status`:
+    `submitted`, then `accepted` or `reverted` (the one included), `replaced` (another
+    of its nonce was), or `dropped` (its nonce was used by none of them).
     """
 
     __tablename__ = "chain_transactions"
-    __table_args__ = (Index("ix_chain_transactions_status", "status"),)
+    __table_args__ = (Index("ix_chain_transactions_sender", "sender", "status", "nonce"),)
 
     tx_hash: Mapped[str] = mapped_column(String(66), primary_key=True)
+    sender: Mapped[str] = mapped_column(String(66))
     nonce: Mapped[int] = mapped_column(BigInteger)
     payload: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="submitted")
@@ -204,7 +213,7 @@ class ChainTransactionRow(Base):
 
 
 class ChainCursorRow(Base):
-    """How far the gateway has read the chain's events (the last processed block)."""
+    """How far a gateway has read the chain's events (the last processed block), by name."""
 
     __tablename__ = "chain_cursors"
 

@@ -19,6 +19,7 @@ from estate.messages import (
     RecordDeviceState,
     StoreReading,
 )
+from estate.sct_contract import normalise_address
 from estate.types import CentralId, DeviceId, DevicePk
 
 __all__ = [
@@ -187,12 +188,14 @@ def write_batch(
             ReadingRow.device_pk, ReadingRow.received_at, ReadingRow.energy_wh, ReadingRow.load_on
         )
         energy: dict[int, float] = defaultdict(float)
+        used: dict[int, float] = defaultdict(float)
         seen: dict[int, tuple[datetime, bool | None]] = {}
         for pk, received_at, energy_wh, load_on in conn.execute(
             statement, [reading.row() for reading in readings]
         ):
             inserted += 1
             energy[pk] += energy_wh
+            used[pk] += max(energy_wh, 0.0)  # energy flowing back is never a credit
             if pk not in seen or received_at >= seen[pk][0]:
                 seen[pk] = (received_at, load_on)
         if energy:
@@ -204,12 +207,12 @@ def write_batch(
             }
             if charging is not None:
                 values["charge_wh"] = DeviceRow.charge_wh + case(
-                    (_chargeable(), bindparam("energy")), else_=literal(0.0)
+                    (_chargeable(), bindparam("used")), else_=literal(0.0)
                 )
             conn.execute(
                 update(DeviceRow).where(DeviceRow.id == bindparam("pk")).values(**values),
                 [
-                    {"pk": pk, "energy": energy[pk], "seen": at, "load": load}
+                    {"pk": pk, "energy": energy[pk], "used": used[pk], "seen": at, "load": load}
                     for pk, (at, load) in seen.items()
                 ],
             )
@@ -250,7 +253,12 @@ def _charge(conn: Connection, pks: list[int], charging: Charging) -> int:
         )
     ).all()
     now = _now()
-    for pk, account, charge_wh in full:
+    charged = 0
+    for pk, address, charge_wh in full:
+        try:
+            account = normalise_address(address)
+        except ValueError:
+            continue  # charged once a sync fixes the address (the signer warns of it)
         tokens = int((charge_wh + CHARGE_EPSILON_WH) // wh)
         conn.execute(
             update(DeviceRow)
@@ -267,7 +275,8 @@ def _charge(conn: Connection, pks: list[int], charging: Charging) -> int:
                 attempts=0,
             )
         )
-    return len(full)
+        charged += 1
+    return charged
 
 
 def apply_central_devices(conn: Connection, devices: Sequence[CentralDevice]) -> int:
