@@ -282,6 +282,7 @@ class Settlement:
         self.balances[account] = balance
         self.stale.discard(account)
         if account in self.owing and (old is None or balance > old):
+            del self.owing[account]  # planned again, with its new balance
             self.batch_due = self.batch_due or self.clock()
 
     # -- submitting ------------------------------------------------------------------------
@@ -301,9 +302,11 @@ class Settlement:
 
     def _sign_and_send(self, now: float) -> list[Effect]:
         assert self.nonce is not None
-        entries = self.ledger.pending(frozenset(self.stale))
+        # accounts that can pay nothing now are left out, so they never crowd out the others
+        broke = {a for a in self.owing if self.balances.get(a, 0) <= 0}
+        entries = self.ledger.pending(frozenset(self.stale | broke))
         plan = plan_consumes(entries, self.balances, self.stale, self.max_calls)
-        self.owing = dict(plan.waiting)
+        self.owing = {a: n for a, n in self.owing.items() if a in broke} | dict(plan.waiting)
         self.batch_due = now if plan.more else None
         effects: list[Effect] = []
         calls = list(plan.calls)

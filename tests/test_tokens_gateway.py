@@ -323,6 +323,15 @@ def test_synced_boards_are_charged_and_the_central_told_even_after_an_outage(
         )
         notes = central.calls_to("token_consumption")
         assert len({n["tx_hash"] for n in notes}) == len(notes)  # each consumption once
+
+        def marked() -> int:
+            with rig.engine.connect() as conn:
+                return conn.execute(
+                    select(func.count()).where(LedgerEntryRow.notified_at.is_not(None))
+                ).scalar_one()
+
+        # the ledger knows the central has them (not told again after a restart)
+        wait_for(lambda: marked() >= len(notes), 10, "the notifications marked")
         assert [n["balance"] for n in notes] == sorted(
             (n["balance"] for n in notes), reverse=True
         )
