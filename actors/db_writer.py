@@ -456,7 +456,7 @@ class DbWriter(EstateActor):
     def _unnotified(self, request: GetUnnotified) -> tuple[LedgerEntry, ...]:
         assert self.engine is not None
         with self.engine.connect() as conn:
-            return unnotified_entries(conn, request.limit)
+            return unnotified_entries(conn, request.settled_before, request.limit)
 
     @handles(MarkNotified)
     def _notified(self, message: MarkNotified) -> None:

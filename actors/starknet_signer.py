@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import pykka
@@ -130,8 +131,8 @@ class DbLedger:
         if db is not None:
             tell_if_alive(db, SetChainCursor(self.cursor_name, block))
 
-    def unnotified(self) -> tuple[LedgerEntry, ...]:
-        return self._ask(GetUnnotified())
+    def unnotified(self, settled_before: datetime) -> tuple[LedgerEntry, ...]:
+        return self._ask(GetUnnotified(settled_before))
 
 
 class StarknetSigner(EstateActor):
@@ -156,6 +157,7 @@ class StarknetSigner(EstateActor):
         self.boards: dict[str, list[TokenAccount]] = {}
         self.by_device: dict[DeviceId, str] = {}
         self.told_unnotified = False
+        self.started_at = datetime.now(UTC)
         self.error_log = RateLimitedLog(self.log, interval=30.0)
 
     def setup(self) -> None:
@@ -299,7 +301,7 @@ class StarknetSigner(EstateActor):
         assert self.ledger is not None
         assert self.settlement is not None
         try:
-            entries = self.ledger.unnotified()
+            entries = self.ledger.unnotified(self.started_at)
         except DbUnavailable:
             return  # again on the next tick
         self.told_unnotified = True

@@ -568,8 +568,9 @@ class SettleNonce:
 
 @attrs.frozen
 class GetUnnotified:
-    """Accepted ledger entries the central was not told of (a tuple of LedgerEntry)."""
+    """Entries accepted before `settled_before` the central was not told of (LedgerEntry)."""
 
+    settled_before: datetime
     limit: int = 1000
 
 

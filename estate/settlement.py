@@ -64,6 +64,8 @@ RESEND_AFTER = 30.0
 """Seconds a transaction may stay unknown to the node before it is broadcast again."""
 DROP_AFTER = 120.0
 """Seconds a nonce must be used, with none of its transactions known, before it is dropped."""
+MAX_REPLACEMENTS = 5
+"""Transactions signed anew for one nonce at most (then the log asks for a look)."""
 STUCK_WARNING = 300.0
 """Seconds a transaction may wait for a block before the log says it is stuck."""
 EVENT_BLOCKS_MAX = 10_000
@@ -197,7 +199,7 @@ class Settlement:
         if now >= self.retry_at:
             answered = self.chain.answers
             try:
-                effects += self._due(now)
+                self._due(now, effects)
             except (ChainError, DbUnavailable) as exc:
                 self._failed(exc, now)
             else:
@@ -215,8 +217,9 @@ class Settlement:
                 self.events_at = now + self.event_interval
         return effects
 
-    def _due(self, now: float) -> list[Effect]:
-        effects: list[Effect] = []
+    def _due(self, now: float, effects: list[Effect]) -> None:
+        """Start, read balances, settle or submit; `effects` keeps what was done if a
+        later step fails."""
         if not self.ready:
             self._start(now)
         if self.refresh_due:
@@ -227,7 +230,6 @@ class Settlement:
                 effects += self._look(now)
         elif self.batch_due is not None and now >= self.batch_due:
             effects += self._submit(now)
-        return effects
 
     # -- start -----------------------------------------------------------------------------
 
@@ -465,6 +467,15 @@ class Settlement:
         return []
 
     def _replace(self, flight: InFlight, now: float) -> None:
+        if len(flight.candidates) > MAX_REPLACEMENTS:
+            self.error_log.error(
+                "replace",
+                "nonce %d: the node refuses its %d transactions; its consumes wait (check "
+                "the node, the account's STRK balance and STARKNET_FEE_MARGIN)",
+                flight.nonce,
+                len(flight.candidates),
+            )
+            return
         calls = _calls_of(flight.entries)
         signed = self.chain.sign_consumes(calls, flight.nonce)
         self.ledger.record_replacement(signed)

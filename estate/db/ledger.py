@@ -268,10 +268,15 @@ def settle(
     return entries
 
 
-def unnotified_entries(conn: Connection, limit: int = 1000) -> tuple[LedgerEntry, ...]:
-    """Accepted entries the central has not been told of yet, oldest first."""
+def unnotified_entries(
+    conn: Connection, settled_before: datetime, limit: int = 1000
+) -> tuple[LedgerEntry, ...]:
+    """Entries accepted before `settled_before` that the central was not told of, oldest
+    first (later ones are being told now)."""
     ids = select(LedgerEntryRow.id).where(
-        LedgerEntryRow.status == "accepted", LedgerEntryRow.notified_at.is_(None)
+        LedgerEntryRow.status == "accepted",
+        LedgerEntryRow.notified_at.is_(None),
+        LedgerEntryRow.settled_at < settled_before,
     )
     ids = ids.order_by(LedgerEntryRow.id).limit(limit).scalar_subquery()
     return _entries(conn, LedgerEntryRow.id.in_(ids))
