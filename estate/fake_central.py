@@ -27,23 +27,23 @@ models with `extra = "forbid"`) does or would do:
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import math
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
+
+from estate.loopback_http import LoopbackService, TrackingHTTPServer
 
 __all__ = ["FakeCentral"]
 
@@ -202,41 +202,9 @@ _ROUTES = {
 # -- the HTTP server -------------------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], fake: FakeCentral) -> None:
-        self.fake = fake
-        self.open_connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        self.accepted = 0
-        super().__init__(address, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.connections_lock:
-            self.open_connections.add(request)
-            self.accepted += 1
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.connections_lock:
-            self.open_connections.discard(request)
-        super().shutdown_request(request)
-
-    def drop_connections(self) -> None:
-        with self.connections_lock:
-            connections, self.open_connections = self.open_connections, set()
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                connection.close()
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn
-    server: _Server
+    server: TrackingHTTPServer
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -271,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
 # -- the fake --------------------------------------------------------------------------------
 
 
-class FakeCentral:
+class FakeCentral(LoopbackService):
     """The central's hub API on `http://127.0.0.1:PORT` (`url`), with switches for tests.
 
     State a test reads: `calls` ((path, body) of every request answered 200, in order),
@@ -287,11 +255,10 @@ class FakeCentral:
         port: int = 0,
         host: str = "127.0.0.1",
     ) -> None:
+        super().__init__(host, port)
         self.api_key = api_key
         self.hub = hub
         self.token_ttl = token_ttl
-        self._host = host
-        self._port = port
         self._lock = threading.Lock()
         self._secret = secrets.token_bytes(32)
         self._devices: dict[str, dict[str, Any]] = {}
@@ -303,45 +270,15 @@ class FakeCentral:
         self._failure: tuple[int, str, int | None] | None = None
         self._delay = 0.0
         self._readings_endpoint = True
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+
+    handler = _Handler
+    thread_name = "fake-central"
 
     def __repr__(self) -> str:
         state = "up" if self._server else "down"
         return f"FakeCentral(url={self.url!r}, hub={self.hub!r}, {state})"
 
-    # -- life cycle ---------------------------------------------------------------------------
-
-    def start(self) -> FakeCentral:
-        """Listen (on `port`, or a free one when 0) and serve on a daemon thread."""
-        self._stopping.clear()
-        self._listen()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and drop every open connection."""
-        self._stopping.set()
-        self._close()
-
-    def __enter__(self) -> FakeCentral:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
-    def down(self) -> None:
-        """Stop listening (clients get connection refused) but keep the state and the port."""
-        self._close()
-
-    def up(self) -> None:
-        """Listen again on the same port."""
-        if self._server is None:
-            self._listen()
-
-    @property
-    def port(self) -> int:
-        return self._port
+    # -- life cycle (LoopbackService: start, stop, down, up, port) ---------------------------
 
     @property
     def url(self) -> str:
@@ -353,28 +290,6 @@ class FakeCentral:
         """TCP connections accepted since the last `start` or `up` (keep-alive reuses them)."""
         server = self._server
         return server.accepted if server else 0
-
-    def _listen(self) -> None:
-        server = _Server((self._host, self._port), self)
-        self._port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"fake-central-{self._port}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _close(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        server.drop_connections()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     # -- what the test sets ---------------------------------------------------------------------
 

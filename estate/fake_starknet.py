@@ -44,17 +44,15 @@ Cairo prints a panic (`0x494e...45 ('INSUFFICIENT BALANCE')`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from poseidon_py.poseidon_hash import poseidon_hash_many
@@ -72,6 +70,7 @@ from starknet_py.net.client_models import DAMode, ResourceBounds, ResourceBounds
 from starknet_py.net.models import StarknetChainId
 from starknet_py.net.signer.key_pair import KeyPair
 
+from estate.loopback_http import LoopbackService, TrackingHTTPServer
 from estate.sct_contract import SCT_ABI
 
 __all__ = [
@@ -456,39 +455,9 @@ _SCT_CLASS = _sierra_class(SCT_ABI, _SELECTORS.values())
 # -- the HTTP server ------------------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], fake: FakeStarknetNode) -> None:
-        self.fake = fake
-        self.open_connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.connections_lock:
-            self.open_connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.connections_lock:
-            self.open_connections.discard(request)
-        super().shutdown_request(request)
-
-    def drop_connections(self) -> None:
-        with self.connections_lock:
-            connections, self.open_connections = self.open_connections, set()
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                connection.close()
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: _Server
+    server: TrackingHTTPServer
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -518,7 +487,7 @@ class _Handler(BaseHTTPRequestHandler):
 _Method = Callable[[dict[str, Any]], Any]
 
 
-class FakeStarknetNode:
+class FakeStarknetNode(LoopbackService):
     """A Starknet node on `http://127.0.0.1:PORT` (`url`), with one SCT, for tests.
 
     All state is guarded by one lock; every method is thread-safe. Addresses are given as
@@ -534,6 +503,7 @@ class FakeStarknetNode:
         block_time: float = 0.05,
         host: str = "127.0.0.1",
     ) -> None:
+        super().__init__(host, port)
         self.chain_id = int(chain_id)
         self.sct_address = _address(sct_address)
         self.owner = _address(owner)
@@ -546,7 +516,6 @@ class FakeStarknetNode:
             "l2_gas": 8_000_000_000,
         }
         """Current prices in FRI of each resource (a test may raise them)."""
-        self._host, self._port = host, port
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._public_keys: dict[int, int] = {}
@@ -559,9 +528,6 @@ class FakeStarknetNode:
         self._failures: dict[str, _Failure] = {}
         self._lose = 0
         self._paused = False
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._producer: threading.Thread | None = None
         with self._changed:
             self._seal(time.time(), [])  # genesis
@@ -600,16 +566,18 @@ class FakeStarknetNode:
             ),
         }
 
+    handler = _Handler
+    thread_name = "fake-starknet"
+
     def __repr__(self) -> str:
         state = "up" if self._server else "down"
         return f"FakeStarknetNode(url={self.url!r}, block={self.block_number}, {state})"
 
-    # -- life cycle ---------------------------------------------------------------------------
+    # -- life cycle (LoopbackService: down, up, port, url) -----------------------------------
 
     def start(self) -> FakeStarknetNode:
         """Listen (on `port`, or a free one when 0) and make blocks, on daemon threads."""
-        self._stopping.clear()
-        self._listen()
+        super().start()
         self._producer = threading.Thread(
             target=self._produce, name=f"fake-starknet-blocks-{self._port}", daemon=True
         )
@@ -618,58 +586,11 @@ class FakeStarknetNode:
 
     def stop(self) -> None:
         """Stop listening, drop open connections and stop making blocks."""
-        self._stopping.set()
+        super().stop()
         with self._changed:
             self._changed.notify_all()
-        self._close()
         if self._producer is not None:
             self._producer.join(timeout=5)
-
-    def __enter__(self) -> FakeStarknetNode:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
-    def down(self) -> None:
-        """Stop listening (connection refused) but keep the chain going and the port."""
-        self._close()
-
-    def up(self) -> None:
-        """Listen again on the same port."""
-        if self._server is None:
-            self._listen()
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """The node URL to give `FullNodeClient(node_url=...)`."""
-        return f"http://{self._host}:{self._port}"
-
-    def _listen(self) -> None:
-        server = _Server((self._host, self._port), self)
-        self._port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"fake-starknet-{self._port}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _close(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        server.drop_connections()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     # -- what the test sets -------------------------------------------------------------------
 

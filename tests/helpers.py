@@ -14,6 +14,7 @@ from sqlalchemy import Engine, func, select
 from estate.db.models import CommandRow, DeviceRow, ReadingRow
 from estate.db.store import register_device
 from estate.device_wire import TopicKind, Topics
+from estate.fake_starknet import FakeStarknetNode, make_test_account
 from estate.messages import GetActors, GetBoardState, GetStats, PauseReadings
 from estate.mqtt_client import BrokerEndpoint
 
@@ -176,3 +177,29 @@ def quiesce(boards: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "the boards' last PUBACKs",
     )
     return {device_id: board_state(ref)["accepted"] for device_id, ref in boards.items()}
+
+
+# -- the fake Starknet node ---------------------------------------------------------------
+
+GATEWAY_ACCOUNT = make_test_account(1)
+"""(address, private key, public key) of the gateway's account in the tests."""
+
+
+def starknet_node(block_time: float = 0.05) -> FakeStarknetNode:
+    """A started fake node where the gateway's account exists and may consume SCT."""
+    address, _key, public = GATEWAY_ACCOUNT
+    node = FakeStarknetNode(block_time=block_time).start()
+    node.add_account(address, public)
+    node.authorise(address)
+    return node
+
+
+def starknet_env(node: FakeStarknetNode) -> dict[str, str]:
+    """The settings that point the gateway's token accounting at `node`."""
+    address, key, _public = GATEWAY_ACCOUNT
+    return {
+        "STARKNET_RPC_URL": node.url,
+        "STARKNET_ACCOUNT_ADDRESS": hex(address),
+        "STARKNET_PRIVATE_KEY": hex(key),
+        "SCT_CONTRACT_ADDRESS": hex(node.sct_address),
+    }

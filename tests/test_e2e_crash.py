@@ -19,12 +19,20 @@ from typing import Any
 
 import pykka
 import pytest
-from helpers import clear_retained, reading_count, register, stored_seqs, wait_for
+from helpers import (
+    GATEWAY_ACCOUNT,
+    clear_retained,
+    reading_count,
+    register,
+    starknet_env,
+    starknet_node,
+    stored_seqs,
+    wait_for,
+)
 from sqlalchemy import func, select, update
 
 from actors.simulated_board import SimulatedBoard
 from estate.db.models import ChainTransactionRow, DeviceRow, LedgerEntryRow, ReadingRow
-from estate.fake_starknet import FakeStarknetNode, make_test_account
 from estate.messages import GetBoardState, PauseReadings
 from estate.sct_contract import normalise_address
 
@@ -220,7 +228,7 @@ def test_sigkill_with_a_consume_in_flight_charges_it_once(
     engine_for: Any,
 ) -> None:
     engine = engine_for(pg_url)
-    account, key, public = make_test_account(1)
+    account = GATEWAY_ACCOUNT[0]
     owners = {f"K{n:03d}": normalise_address(0xA000 + n) for n in range(1, 4)}
     pks = register(engine, *owners)
     with engine.begin() as conn:
@@ -230,17 +238,12 @@ def test_sigkill_with_a_consume_in_flight_charges_it_once(
                 .where(DeviceRow.id == pks[device_id])
                 .values(account_address=owner)
             )
-    node = FakeStarknetNode(block_time=0.05).start()
-    node.add_account(account, public)
-    node.authorise(account)
+    node = starknet_node()
     for owner in owners.values():
         node.mint(owner, 1000)
     gateway = gateway_process
     gateway.env.update(
-        STARKNET_RPC_URL=node.url,
-        STARKNET_ACCOUNT_ADDRESS=hex(account),
-        STARKNET_PRIVATE_KEY=hex(key),
-        SCT_CONTRACT_ADDRESS=hex(node.sct_address),
+        **starknet_env(node),
         STARKNET_BATCH_WINDOW="0.5",
         WH_PER_TOKEN="0.002",  # about a token a second a board
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 import pykka
 import pytest
-from helpers import register, wait_for
+from helpers import GATEWAY_ACCOUNT, register, starknet_env, starknet_node, wait_for
 from sqlalchemy import Engine, select
 from starknet_py.hash.selector import get_selector_from_name
 
@@ -38,7 +38,7 @@ from estate.types import DeviceId, DevicePk
 
 pytestmark = pytest.mark.integration
 
-GATEWAY, GATEWAY_KEY, GATEWAY_PUBLIC = make_test_account(1)
+GATEWAY, GATEWAY_KEY, _PUBLIC = GATEWAY_ACCOUNT
 CONSUME = get_selector_from_name("consume")
 
 
@@ -146,9 +146,7 @@ def _times(second: int) -> tuple[datetime, datetime]:
 
 @pytest.fixture
 def node() -> Iterator[FakeStarknetNode]:
-    with FakeStarknetNode(block_time=0.05) as fake:
-        fake.add_account(GATEWAY, GATEWAY_PUBLIC)
-        fake.authorise(GATEWAY)
+    with starknet_node() as fake:
         yield fake
 
 
@@ -162,10 +160,7 @@ def make_rig(
     def make(**env: str) -> Rig:
         defaults = {
             "DATABASE_URL": db_url,
-            "STARKNET_RPC_URL": node.url,
-            "STARKNET_ACCOUNT_ADDRESS": hex(GATEWAY),
-            "STARKNET_PRIVATE_KEY": hex(GATEWAY_KEY),
-            "SCT_CONTRACT_ADDRESS": hex(node.sct_address),
+            **starknet_env(node),
             "STARKNET_BATCH_WINDOW": "0.3",
             "STARKNET_EVENT_POLL_INTERVAL": "0.2",
             "WH_PER_TOKEN": "10",

@@ -16,7 +16,17 @@ from typing import Any
 
 import pykka
 import pytest
-from helpers import board_state, clear_retained, core_ref, device_row, register, wait_for
+from helpers import (
+    GATEWAY_ACCOUNT,
+    board_state,
+    clear_retained,
+    core_ref,
+    device_row,
+    register,
+    starknet_env,
+    starknet_node,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select, update
 from test_repl import ReplClient
@@ -26,13 +36,13 @@ from actors.simulated_board import SimulatedBoard
 from estate.db.models import DeviceRow, LedgerEntryRow
 from estate.device_wire import Instruction
 from estate.fake_central import FakeCentral
-from estate.fake_starknet import FakeStarknetNode, make_test_account
+from estate.fake_starknet import FakeStarknetNode
 from estate.messages import GetHealthAddress, PressBalanceKey, SetLoad
 from estate.sct_contract import normalise_address
 
 pytestmark = pytest.mark.integration
 
-GATEWAY, GATEWAY_KEY, GATEWAY_PUBLIC = make_test_account(1)
+GATEWAY_KEY = GATEWAY_ACCOUNT[1]
 OWNER = normalise_address(0xB0B)
 
 
@@ -78,9 +88,7 @@ class TokenRig:
 
 @pytest.fixture
 def node() -> Iterator[FakeStarknetNode]:
-    with FakeStarknetNode(block_time=0.05) as fake:
-        fake.add_account(GATEWAY, GATEWAY_PUBLIC)
-        fake.authorise(GATEWAY)
+    with starknet_node() as fake:
         yield fake
 
 
@@ -109,10 +117,7 @@ def token_settings(
             "MQTT_URL": mosquitto_url,
             "DB_AUTO_MIGRATE": "false",
             "MQTT_SESSION_EXPIRY": "60",
-            "STARKNET_RPC_URL": node.url,
-            "STARKNET_ACCOUNT_ADDRESS": hex(GATEWAY),
-            "STARKNET_PRIVATE_KEY": hex(GATEWAY_KEY),
-            "SCT_CONTRACT_ADDRESS": hex(node.sct_address),
+            **starknet_env(node),
             "STARKNET_BATCH_WINDOW": "0.3",
             "STARKNET_EVENT_POLL_INTERVAL": "0.3",
             # about 5 W every 0.1 s: a token every 1 to 2 s

@@ -139,6 +139,21 @@ def submissions(conn: Connection, sender: str) -> tuple[Submission, ...]:
     return tuple(found)
 
 
+def _insert_transaction(
+    conn: Connection, sender: str, tx_hash: str, nonce: int, payload: str, now: datetime
+) -> None:
+    conn.execute(
+        insert(ChainTransactionRow).values(
+            tx_hash=tx_hash,
+            sender=sender,
+            nonce=nonce,
+            payload=payload,
+            status="submitted",
+            created_at=now,
+        )
+    )
+
+
 def record_submission(
     conn: Connection,
     sender: str,
@@ -153,16 +168,7 @@ def record_submission(
     Raise LedgerConflict (and the caller's transaction must roll back) if any entry is
     no longer pending.
     """
-    conn.execute(
-        insert(ChainTransactionRow).values(
-            tx_hash=tx_hash,
-            sender=sender,
-            nonce=nonce,
-            payload=payload,
-            status="submitted",
-            created_at=now,
-        )
-    )
+    _insert_transaction(conn, sender, tx_hash, nonce, payload, now)
     marked = conn.execute(
         update(LedgerEntryRow)
         .where(LedgerEntryRow.id.in_(entry_ids), LedgerEntryRow.status == "pending")
@@ -191,16 +197,7 @@ def record_replacement(
     previous = [h for h, _p in _candidates(conn, sender, nonce)]
     if not previous:
         raise LedgerConflict(f"nonce {nonce} of {sender} has no transaction to replace")
-    conn.execute(
-        insert(ChainTransactionRow).values(
-            tx_hash=tx_hash,
-            sender=sender,
-            nonce=nonce,
-            payload=payload,
-            status="submitted",
-            created_at=now,
-        )
-    )
+    _insert_transaction(conn, sender, tx_hash, nonce, payload, now)
     conn.execute(
         update(LedgerEntryRow)
         .where(*_submitted_entries(previous))
