@@ -95,6 +95,13 @@ class Status:
             f"{_n(rejected)} rejected, "
             f"{_n(self.total('estate_readings_duplicate_total'))} duplicates"
         )
+        tokens = self.by_label("estate_ledger_sct", "state")
+        if tokens:
+            lines.append(
+                f"  tokens: {_n(tokens.get('accepted', 0))} SCT charged, "
+                f"{_n(tokens.get('pending', 0) + tokens.get('submitted', 0))} waiting, "
+                f"{_n(tokens.get('rejected', 0))} rejected"
+            )
         restarts = {
             actor: n
             for actor, n in self.by_label("estate_actor_restarts_total", "actor").items()

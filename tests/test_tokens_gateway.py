@@ -39,6 +39,7 @@ from estate.fake_central import FakeCentral
 from estate.fake_starknet import FakeStarknetNode
 from estate.messages import GetHealthAddress, PressBalanceKey, SetLoad
 from estate.sct_contract import normalise_address
+from estate.status import fetch_status
 
 pytestmark = pytest.mark.integration
 
@@ -257,6 +258,9 @@ def test_health_and_metrics_show_the_ledger_and_the_node(
     assert metric("estate_starknet_transactions_total") >= 1
     status, body = _get(f"http://{address}/healthz")
     assert (status, json.loads(body)["checks"]["starknet"]) == (200, "ok")
+    summary = fetch_status(address).summary().splitlines()
+    assert "  checks: supervisor, broker, database, starknet ok" in summary
+    assert any(line.startswith("  tokens: ") and "SCT charged" in line for line in summary)
 
     node.down()
     wait_for(lambda: _get(f"http://{address}/healthz")[0] == 503, 30, "/healthz to say 503")
