@@ -146,8 +146,11 @@ def _times(second: int) -> tuple[datetime, datetime]:
 
 @pytest.fixture
 def node() -> Iterator[FakeStarknetNode]:
-    with starknet_node() as fake:
+    fake = starknet_node()
+    try:
         yield fake
+    finally:
+        fake.stop()
 
 
 @pytest.fixture

@@ -89,8 +89,11 @@ class TokenRig:
 
 @pytest.fixture
 def node() -> Iterator[FakeStarknetNode]:
-    with starknet_node() as fake:
+    fake = starknet_node()
+    try:
         yield fake
+    finally:
+        fake.stop()
 
 
 @pytest.fixture
