@@ -384,9 +384,10 @@ class Settlement:
         if short:
             # the known balance was stale: read it; the next plan takes what it covers
             effects = self._read(short, "sync")
+            read = _read_accounts(effects)
             for account, call in short.items():
                 self.owing[account] = self.owing.get(account, 0) + call.amount
-                if account not in _read_accounts(effects):
+                if account not in read:
                     self.stale.add(account)
                 logger.warning(
                     "%s cannot pay %d SCT now (balance %s); it pays what its balance covers",

@@ -187,13 +187,15 @@ class StarknetChain:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _run(self, make: Awaitable[T]) -> T:
-        """Run one coroutine on this client's loop; translate its failures."""
+    def _run(self, make: Awaitable[T], timeout: float | None = None) -> T:
+        """Run one coroutine on this client's loop (for `timeout`, default the client's);
+        translate its failures."""
+        timeout = self.timeout if timeout is None else timeout
         try:
-            result = self._loop.run_until_complete(asyncio.wait_for(make, self.timeout))
+            result = self._loop.run_until_complete(asyncio.wait_for(make, timeout))
         except TimeoutError:
             raise ChainUnavailable(
-                f"the Starknet node {self.rpc_url} did not answer within {self.timeout:.0f}s"
+                f"the Starknet node {self.rpc_url} did not answer within {timeout:.0f}s"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ChainUnavailable(
@@ -302,11 +304,7 @@ class StarknetChain:
             return {}
         # every account has the client's timeout: the whole read may take that per round
         rounds = -(-len(wanted) // concurrency)
-        saved, self.timeout = self.timeout, self.timeout * rounds
-        try:
-            results = self._run(every())
-        finally:
-            self.timeout = saved
+        results = self._run(every(), timeout=self.timeout * rounds)
         return dict(zip(wanted, results, strict=True))
 
     def events(self, from_block: int, to_block: int) -> list[ChainEvent]:

@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterator
 
 import pykka
 import pytest
+from helpers import starknet_node
 from sqlalchemy import create_engine, text
 
 from estate.config import Settings, load_settings
 from estate.db.engine import driver_url, make_engine, upgrade
 from estate.db.scratch import scratch_database
+from estate.fake_starknet import FakeStarknetNode
 from estate.postgres import PostgresProcess
 
 PG_ADMIN_URL = os.environ.get("ESTATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -111,6 +113,16 @@ def engine_for() -> Iterator[Callable[[str], object]]:
     yield make
     for engine in engines:
         engine.dispose()
+
+
+@pytest.fixture
+def node() -> Iterator[FakeStarknetNode]:
+    """A fake Starknet node where the gateway's test account may consume SCT."""
+    fake = starknet_node()
+    try:
+        yield fake
+    finally:
+        fake.stop()
 
 
 @pytest.fixture(scope="module")

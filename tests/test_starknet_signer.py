@@ -3,15 +3,15 @@ and the real DbWriter on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from typing import Any
 
 import pykka
 import pytest
-from helpers import GATEWAY_ACCOUNT, register, starknet_env, starknet_node, wait_for
+from helpers import GATEWAY_ACCOUNT, register, starknet_env, wait_for
 from sqlalchemy import Engine, select
 from starknet_py.hash.selector import get_selector_from_name
+from test_store import reading
 
 from actors.db_writer import DbWriter
 from actors.starknet_signer import StarknetSigner
@@ -29,7 +29,6 @@ from estate.messages import (
     NotifyConsumption,
     PeersChanged,
     RefreshBalance,
-    StoreReading,
     TokenAccount,
 )
 from estate.sct_contract import normalise_address
@@ -111,12 +110,9 @@ class Rig:
         """Store readings worth `tokens` tokens of energy for the board (charged at once)."""
         self.seq += 1
         wh = self.settings.wh_per_token * tokens
-        reading = StoreReading(
-            self.pks[device_id], 0, self.seq, f"d{self.seq}", *_times(self.seq), 12.0, 1.0,
-            12.0, wh, True, None, None,
-        )  # fmt: skip
+        stored = reading(self.pks[device_id], self.seq, seq=self.seq, energy_wh=wh)
         with self.engine.begin() as conn:
-            write_batch(conn, [reading], charging=Charging(self.settings.wh_per_token))
+            write_batch(conn, [stored], charging=Charging(self.settings.wh_per_token))
         assert self.signer is not None
         self.signer.tell(LedgerChanged())
 
@@ -137,20 +133,6 @@ class Rig:
             for m in self.recorded(device_id)
             if isinstance(m, BalanceChanged) and (reason is None or m.reason == reason)
         ]
-
-
-def _times(second: int) -> tuple[datetime, datetime]:
-    at = datetime(2024, 6, 1, tzinfo=UTC) + timedelta(seconds=second)
-    return at, at
-
-
-@pytest.fixture
-def node() -> Iterator[FakeStarknetNode]:
-    fake = starknet_node()
-    try:
-        yield fake
-    finally:
-        fake.stop()
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from helpers import (
     device_row,
     register,
     starknet_env,
-    starknet_node,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,15 +84,6 @@ class TokenRig:
         if self.gateway is not None:
             self.gateway.stop()
         clear_retained(self.broker_url, self.hub, self.device_ids)
-
-
-@pytest.fixture
-def node() -> Iterator[FakeStarknetNode]:
-    fake = starknet_node()
-    try:
-        yield fake
-    finally:
-        fake.stop()
 
 
 @pytest.fixture
